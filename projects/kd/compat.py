@@ -1,0 +1,232 @@
+"""The one place that knows about detectron2 versions.
+
+Everything here is feature-detected and inert on a current official detectron2 built with its
+compiled ``detectron2._C``. It covers what the pure-Python detectron2 v0.6 snapshot
+(``pb1-detectron2``) lacks on today's Python and PyTorch:
+
+* a stand-in for ``detectron2._C`` (:func:`install_import_hook`), put in place for every
+  interpreter of the project's environment by a ``.pth`` file that ``make setup`` writes. It
+  answers the version queries of ``collect_env_info`` and raises a clear error naming any compiled
+  op that is called;
+* COCO evaluation through pycocotools when the fast C++ evaluator is missing
+  (:func:`build_coco_evaluator`);
+* a launcher that runs ``--num-gpus N`` as N CPU processes over gloo when there is no CUDA
+  (:func:`launch`);
+* the ``MapDataset`` fallback that calls ``random.sample`` on a set (a ``TypeError`` since
+  Python 3.11) (:func:`apply_runtime_fixes`).
+
+This module imports only the standard library at import time: the ``.pth`` hook runs at every
+interpreter start and must stay cheap.
+"""
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import logging
+import sys
+import types
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = [
+    "has_compiled_ops",
+    "install_import_hook",
+    "apply_runtime_fixes",
+    "build_coco_evaluator",
+    "launch",
+]
+
+_STUB_NAME = "detectron2._C"
+_STUB_MARKER = "__kd_stand_in__"
+
+
+def _make_stand_in() -> types.ModuleType:
+    """Build the module that stands in for the missing compiled ``detectron2._C``."""
+    module = types.ModuleType(_STUB_NAME)
+    module.__doc__ = "Stand-in for detectron2's compiled extension, installed by kd.compat."
+    setattr(module, _STUB_MARKER, True)
+
+    def get_compiler_version() -> str:
+        return "not compiled (pure-Python detectron2; kd.compat stand-in)"
+
+    def get_cuda_version() -> str:
+        return "not compiled"
+
+    def has_cuda() -> bool:
+        return False
+
+    module.get_compiler_version = get_compiler_version
+    module.get_cuda_version = get_cuda_version
+    module.has_cuda = has_cuda
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise NotImplementedError(
+            f"detectron2 compiled op '{name}' is not available: this detectron2 was installed "
+            "without its C++/CUDA extension (detectron2._C). Rotated boxes, deformable "
+            "convolution and the fast COCO evaluator need it. Install the official detectron2 "
+            "from its repository (see README, 'GPU users') to use this op."
+        )
+
+    module.__getattr__ = __getattr__
+    return module
+
+
+class _StandInLoader(importlib.abc.Loader):
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return _make_stand_in()
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass
+
+
+class _CompiledOpsFinder(importlib.abc.MetaPathFinder):
+    """Answers ``import detectron2._C`` only when no real extension exists.
+
+    It sits at the *end* of ``sys.meta_path``, so the normal path finder finds a real compiled
+    extension first whenever one is installed.
+    """
+
+    def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Any = None):
+        if fullname != _STUB_NAME:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, _StandInLoader())
+
+
+def install_import_hook() -> None:
+    """Make ``import detectron2._C`` succeed without the compiled extension. Idempotent."""
+    if not any(isinstance(f, _CompiledOpsFinder) for f in sys.meta_path):
+        sys.meta_path.append(_CompiledOpsFinder())
+
+
+def has_compiled_ops() -> bool:
+    """Whether the real compiled ``detectron2._C`` is importable."""
+    install_import_hook()
+    import detectron2._C as ext  # noqa: F401  (resolved by the real extension or the stand-in)
+
+    return not getattr(ext, _STUB_MARKER, False)
+
+
+def apply_runtime_fixes() -> None:
+    """Fix detectron2 v0.6 behaviours that break on current Python. Idempotent, feature-detected."""
+    install_import_hook()
+    from detectron2.data import common
+
+    map_dataset = common.MapDataset
+    if getattr(map_dataset, "_kd_fixed", False):
+        return
+    probe = map_dataset([0], lambda x: x)
+    if isinstance(getattr(probe, "_fallback_candidates", None), set):
+        # v0.6 keeps the fallback candidates in a set and calls random.sample on it, a TypeError
+        # since Python 3.11 the first time a mapper returns None (e.g. an unreadable image).
+        original_getitem = map_dataset.__getitem__
+
+        def __getitem__(self, idx):
+            if isinstance(self._fallback_candidates, set):
+                self._fallback_candidates = _SampleableSet(self._fallback_candidates)
+            return original_getitem(self, idx)
+
+        map_dataset.__getitem__ = __getitem__
+    map_dataset._kd_fixed = True
+
+
+class _SampleableSet(set):
+    """A set that ``random.sample`` accepts (it needs a sequence since Python 3.11)."""
+
+    def __getitem__(self, i: int):
+        return sorted(self)[i]
+
+
+def build_coco_evaluator(dataset_name: str, output_dir: Optional[str] = None, **kwargs: Any):
+    """``COCOEvaluator`` that uses pycocotools whenever the fast C++ evaluator is missing.
+
+    Args:
+        dataset_name: a registered detectron2 dataset with COCO-format metadata.
+        output_dir: where to write the predictions and ``coco_instances_results.json``.
+        kwargs: passed to ``COCOEvaluator``.
+    """
+    from detectron2.evaluation import COCOEvaluator
+
+    kwargs.setdefault("use_fast_impl", has_compiled_ops())
+    return COCOEvaluator(dataset_name, output_dir=output_dir, **kwargs)
+
+
+def launch(
+    main_func: Callable[..., Any],
+    num_gpus_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: Optional[str] = None,
+    args: tuple = (),
+) -> None:
+    """detectron2's ``launch``, which also runs without CUDA.
+
+    With CUDA this is ``detectron2.engine.launch``. Without it, ``num_gpus_per_machine`` CPU
+    processes are started per machine and joined over gloo, with the same rank layout and local
+    process group as the GPU launcher.
+
+    Args:
+        main_func: called in every process with ``*args``.
+        num_gpus_per_machine: processes per machine.
+        num_machines: machines taking part.
+        machine_rank: this machine's rank.
+        dist_url: ``tcp://host:port`` of machine 0, or "auto" for a free local port.
+        args: arguments for ``main_func``.
+    """
+    import torch
+
+    from detectron2.engine import launch as d2_launch
+
+    if torch.cuda.is_available():
+        d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args)
+        return
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1:
+        main_func(*args)
+        return
+    import torch.multiprocessing as mp
+
+    from detectron2.engine.launch import _find_free_port
+
+    if dist_url in (None, "auto"):
+        if num_machines != 1:
+            raise ValueError("dist_url=auto is not supported in multi-machine jobs")
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    mp.start_processes(
+        _cpu_worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args),
+        daemon=False,
+        start_method="spawn",
+    )
+
+
+def _cpu_worker(
+    local_rank: int,
+    main_func: Callable[..., Any],
+    world_size: int,
+    num_per_machine: int,
+    machine_rank: int,
+    dist_url: str,
+    args: tuple,
+) -> None:
+    import torch.distributed as dist
+
+    from detectron2.utils import comm
+
+    install_import_hook()
+    global_rank = machine_rank * num_per_machine + local_rank
+    try:
+        dist.init_process_group("gloo", init_method=dist_url, world_size=world_size,
+                                rank=global_rank)
+    except Exception:
+        logging.getLogger(__name__).error("Process group URL: %s", dist_url)
+        raise
+    for i in range(world_size // num_per_machine):
+        group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()

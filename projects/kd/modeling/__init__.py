@@ -1,0 +1,3 @@
+"""Models: importing this registers the DETR family and the distiller meta-architectures."""
+from kd import meta_arch  # noqa: F401
+from kd.modeling import detr  # noqa: F401
