@@ -1,1 +1,3 @@
-"""TODO"""
+"""Distiller meta-architectures, registered in detectron2's ``META_ARCH_REGISTRY``."""
+from kd.meta_arch.base import Distiller, student_config  # noqa: F401
+from kd.meta_arch.chen2017 import Chen2017Distiller  # noqa: F401

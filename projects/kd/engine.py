@@ -1,0 +1,253 @@
+"""The trainer: detectron2's ``DefaultTrainer`` with what a KD run needs on top.
+
+* optimizer: SGD (detectron2's) or AdamW, a backbone LR multiplier, and full-model gradient
+  clipping (DETR family);
+* a training sampler whose position is checkpointed, and the RNG states saved with it, so that an
+  interrupted run resumed from its last checkpoint continues with the same batches
+  (exactly, on one process with ``DATALOADER.NUM_WORKERS 0``);
+* pretrained weights (``MODEL.WEIGHTS``: a detectron2 checkpoint or an ImageNet ``.pkl``) loaded
+  into the *student* of a distiller, whose parameter names carry no ``student.`` prefix;
+* DDP without CUDA (gloo), and COCO evaluation that works without the compiled extension.
+"""
+import itertools
+import logging
+import random
+import weakref
+from typing import Any, Dict, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.solver import get_default_optimizer_params
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from kd import compat
+
+__all__ = ["Trainer", "ResumableTrainingSampler", "TrainingStateHook", "build_optimizer",
+           "load_pretrained"]
+
+logger = logging.getLogger(__name__)
+
+
+class ResumableTrainingSampler(TrainingSampler):
+    """detectron2's infinite ``TrainingSampler`` that can start ``start`` indices into its stream.
+
+    The stream itself is unchanged (same seed, same shuffles), so skipping the indices an
+    interrupted run consumed continues it exactly.
+    """
+
+    def __init__(self, size: int, shuffle: bool = True, seed: Optional[int] = None):
+        """
+        Args:
+            size, shuffle, seed: as ``TrainingSampler``.
+        """
+        super().__init__(size, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        per_rank = itertools.islice(self._infinite_indices(), self._rank, None, self._world_size)
+        yield from itertools.islice(per_rank, self.start, None)
+
+
+class TrainingStateHook(hooks.HookBase):
+    """Checkpoints what detectron2 does not: RNG states and the sampler's position.
+
+    Its ``state_dict`` is saved by the checkpointer with the trainer's state (after the iteration
+    that just finished) and loaded on ``--resume`` before training starts.
+    """
+
+    def __init__(self, sampler: Optional[ResumableTrainingSampler], images_per_rank: int):
+        """
+        Args:
+            sampler: the training loader's sampler (None: position not tracked).
+            images_per_rank: images each process consumes per iteration.
+        """
+        self._sampler = sampler
+        self._images_per_rank = images_per_rank
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            # trainer.iter counts from the start of the run, resumed or not.
+            "consumed_indices": (self.trainer.iter + 1) * self._images_per_rank,
+            "rng_python": random.getstate(),
+            "rng_numpy": _numpy_state_to_tensors(np.random.get_state()),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if self._sampler is not None:
+            self._sampler.start = state["consumed_indices"]
+        random.setstate(state["rng_python"])
+        np.random.set_state(_numpy_state_from_tensors(state["rng_numpy"]))
+        torch.set_rng_state(state["rng_torch"])
+        if state.get("rng_cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
+def _numpy_state_to_tensors(state: tuple) -> tuple:
+    # torch.load(weights_only=True), the default since torch 2.6, refuses numpy arrays.
+    name, keys, pos, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached
+
+
+def _numpy_state_from_tensors(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
+
+
+def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD or AdamW over the trainable parameters, with the backbone LR multiplier and clipping.
+
+    Args:
+        cfg: config with ``SOLVER.{OPTIMIZER, BACKBONE_MULTIPLIER, CLIP_GRADIENTS, ...}``.
+        model: the model (a distiller's frozen teacher is not among its parameters).
+    """
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    if cfg.SOLVER.BACKBONE_MULTIPLIER != 1.0:
+        backbone = {id(p) for n, p in model.named_parameters() if ".backbone." in f".{n}"}
+        for group in params:
+            if any(id(p) in backbone for p in group["params"]):
+                group["lr"] = group.get("lr", cfg.SOLVER.BASE_LR) * cfg.SOLVER.BACKBONE_MULTIPLIER
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "SGD":
+        cls, kwargs = torch.optim.SGD, dict(momentum=cfg.SOLVER.MOMENTUM,
+                                            nesterov=cfg.SOLVER.NESTEROV)
+    elif name == "ADAMW":
+        cls, kwargs = torch.optim.AdamW, {}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER must be 'SGD' or 'ADAMW', got '{cfg.SOLVER.OPTIMIZER}'")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        cls = _with_full_model_clipping(cls, clip.CLIP_VALUE, clip.NORM_TYPE)
+    elif clip.ENABLED:
+        from detectron2.solver.build import maybe_add_gradient_clipping
+
+        cls = maybe_add_gradient_clipping(cfg, cls)
+    return cls(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **kwargs)
+
+
+def _with_full_model_clipping(cls: type, max_norm: float, norm_type: float) -> type:
+    class FullModelClipping(cls):
+        def step(self, closure=None):
+            all_params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(all_params, max_norm, norm_type)
+            return super().step(closure)
+
+    FullModelClipping.__name__ = f"{cls.__name__}WithFullModelClipping"
+    return FullModelClipping
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Load ``MODEL.WEIGHTS`` into the student of a distiller (or into a plain model).
+
+    detectron2's name matching for ImageNet ``.pkl`` files and plain checkpoints expects the
+    student's own parameter names, which inside a distiller carry a ``student.`` prefix: loading
+    into the wrapper would silently miss every key.
+
+    Args:
+        model: a plain detector or a distiller (possibly DDP-wrapped).
+        path: the weights file; empty for none.
+    """
+    if not path:
+        return
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    target = getattr(model, "student", model)
+    DetectionCheckpointer(target).load(path)
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` for plain detectors (teachers, baselines) and distillers alike."""
+
+    def __init__(self, cfg: CfgNode):
+        # Same as DefaultTrainer.__init__, except DDP is created so that it also works on CPU.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        self._sampler = getattr(data_loader, "kd_sampler", None)
+        model = _create_ddp_model(model)
+        if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
+            raise ValueError("SOLVER.AMP.ENABLED needs CUDA; turn it off on CPU")
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR,
+                                                  trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        images_per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        # Before the checkpointer, so its state is part of every checkpoint.
+        ret.insert(1, TrainingStateHook(self._sampler, images_per_rank))
+        return ret
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        if resume and self.checkpointer.has_checkpoint():
+            self.checkpointer.resume_or_load("", resume=True)
+            self.start_iter = self.iter + 1
+        else:
+            load_pretrained(self.model, self.cfg.MODEL.WEIGHTS)
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            return super().build_train_loader(cfg)
+        sampler = ResumableTrainingSampler(len(dataset))
+        loader = build_detection_train_loader(
+            dataset,
+            mapper=DatasetMapper(cfg, True),
+            sampler=sampler,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
+        loader.kd_sampler = sampler
+        return loader
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
+        import os
+
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return compat.build_coco_evaluator(dataset_name, output_dir=output_folder)
+
+
+def _create_ddp_model(model: nn.Module) -> nn.Module:
+    if comm.get_world_size() == 1:
+        return model
+    device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)

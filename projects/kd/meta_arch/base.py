@@ -1,0 +1,169 @@
+"""The distiller base class: a trainable student and a frozen teacher, behind one ``forward``."""
+import copy
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import CfgNode
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.structures import ImageList, Instances
+
+from kd.teacher import build_teacher
+
+__all__ = ["Distiller", "student_config"]
+
+
+def student_config(cfg: CfgNode) -> CfgNode:
+    """The plain detectron2 config of the student inside a KD config.
+
+    Args:
+        cfg: the KD config.
+
+    Returns:
+        A copy of ``cfg`` whose ``MODEL.META_ARCHITECTURE`` is the student's.
+    """
+    scfg = cfg.clone()
+    scfg.defrost()
+    scfg.MODEL.META_ARCHITECTURE = cfg.KD.STUDENT.META_ARCHITECTURE
+    scfg.freeze()
+    return scfg
+
+
+class Distiller(nn.Module):
+    """Owns a student (trained) and a teacher (frozen); subclasses add the distillation losses.
+
+    The teacher is deliberately *not* a registered submodule: it is not in ``state_dict`` (so
+    checkpoints hold the student and the adapters only), not in the optimizer, not wrapped by DDP,
+    and ``model.train()`` cannot reach it. ``_apply`` moves it along with the distiller
+    (``.to(device)``, ``.half()``). In eval mode a distiller is exactly its student.
+    """
+
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        teacher_input_format: str,
+        student_input_format: str,
+        student_input_scale: float = 1.0,
+    ):
+        """
+        Args:
+            student: the detector being trained.
+            teacher: the frozen teacher (see :func:`kd.teacher.freeze`).
+            teacher_input_format: the teacher's ``INPUT.FORMAT`` ("BGR" or "RGB").
+            student_input_format: the student's ``INPUT.FORMAT``; images arrive in this format.
+            student_input_scale: the low-resolution factor of the student's input (1 = same size).
+        """
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)
+        self._flip_channels_for_teacher = teacher_input_format != student_input_format
+        if not 0 < student_input_scale <= 1:
+            raise ValueError(f"KD.STUDENT.INPUT_SCALE must be in (0, 1], got {student_input_scale}")
+        self.student_input_scale = student_input_scale
+
+    @classmethod
+    def build_pair(cls, cfg: CfgNode) -> "tuple[dict, CfgNode]":
+        """Build the student and the teacher of a KD config.
+
+        Args:
+            cfg: the KD config.
+
+        Returns:
+            (kwargs, teacher_cfg): this class's ``__init__`` arguments and the teacher's config.
+        """
+        scfg = student_config(cfg)
+        # The student is built first, so that a seed gives the same initial student with or
+        # without distillation.
+        student = META_ARCH_REGISTRY.get(scfg.MODEL.META_ARCHITECTURE)(scfg)
+        student.to(torch.device(cfg.MODEL.DEVICE))
+        teacher, tcfg = build_teacher(cfg, scfg.MODEL.META_ARCHITECTURE)
+        kwargs = {
+            "student": student,
+            "teacher": teacher,
+            "teacher_input_format": tcfg.INPUT.FORMAT,
+            "student_input_format": cfg.INPUT.FORMAT,
+            "student_input_scale": cfg.KD.STUDENT.INPUT_SCALE,
+        }
+        return kwargs, tcfg
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.device
+
+    # ------------------------------------------------------------------ inputs
+    def teacher_inputs(self, batched_inputs: List[dict]) -> List[dict]:
+        """The batch as the teacher expects it (its own channel order; full resolution)."""
+        if not self._flip_channels_for_teacher:
+            return batched_inputs
+        return [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
+
+    def student_inputs(self, batched_inputs: List[dict]) -> List[dict]:
+        """The batch as the student sees it: resized by ``student_input_scale`` (boxes too).
+
+        ``height``/``width`` (the output resolution) are kept, so predictions are still reported
+        in the original image's coordinates.
+        """
+        s = self.student_input_scale
+        if s == 1.0:
+            return batched_inputs
+        out = []
+        for x in batched_inputs:
+            img = x["image"]
+            h, w = img.shape[-2:]
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            small = F.interpolate(img[None].float(), size=size, mode="bilinear",
+                                  align_corners=False)[0]
+            y = dict(x, image=small.to(img.dtype) if img.dtype.is_floating_point else
+                     small.round().clamp(0, 255).to(img.dtype))
+            if "instances" in x:
+                y["instances"] = _rescale_instances(x["instances"], size, size[0] / h, size[1] / w)
+            out.append(y)
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[dict]):
+        """
+        Args:
+            batched_inputs: detectron2's list of dicts ("image", "instances", "height", "width").
+
+        Returns:
+            In training, the student's losses plus ``loss_kd_*`` terms; in eval mode, the student's
+            predictions (exactly what the student alone returns).
+        """
+        if not self.training:
+            return self.student(self.student_inputs(batched_inputs))
+        return self.forward_train(batched_inputs)
+
+    def forward_train(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def teacher_images(self, batched_inputs: List[dict]) -> ImageList:
+        return self.teacher.preprocess_image(self.teacher_inputs(batched_inputs))
+
+
+def _rescale_instances(inst: Instances, size: tuple, sy: float, sx: float) -> Instances:
+    out = Instances(size)
+    for k, v in inst.get_fields().items():
+        if k == "gt_boxes":
+            v = copy.deepcopy(v)
+            v.scale(sx, sy)
+            v.clip(size)
+        out.set(k, v)
+    return out
+
+
+def gt_instances_of(batched_inputs: List[dict], device: torch.device) -> Optional[List[Instances]]:
+    """The ground-truth ``Instances`` of a batch, on ``device``."""
+    if "instances" not in batched_inputs[0]:
+        return None
+    return [x["instances"].to(device) for x in batched_inputs]

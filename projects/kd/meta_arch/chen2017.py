@@ -1,0 +1,341 @@
+"""Chen et al. 2017, "Learning Efficient Object Detection Models with Knowledge Distillation".
+
+Faster R-CNN student and teacher (METHODS.md section 1). The student's forward is run step by step
+(backbone, RPN, ROI sampling, box head) so that the distillation points are exactly the ones its
+own losses use: the RPN's sampled anchors and the ROI head's sampled proposals. The teacher is
+asked about those same points: its RPN head at the same anchors, its box head (ROIAlign on its own
+features) at the student's sampled proposals.
+"""
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import cat
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
+from detectron2.structures import Boxes, ImageList, Instances
+
+from kd.losses.chen2017 import (
+    hint_loss,
+    objectness_soft_cross_entropy,
+    teacher_bounded_regression,
+    weighted_soft_cross_entropy,
+)
+from kd.meta_arch.base import Distiller, gt_instances_of
+
+__all__ = ["Chen2017Distiller", "HintAdapters"]
+
+PREFIX = "loss_kd_chen2017_"
+
+
+class HintAdapters(nn.Module):
+    """One 1x1 convolution per hinted feature, mapping the student's channels to the teacher's.
+
+    The paper finds the adaptation layer helps even when the channel counts already match, so it
+    is always there. When the student runs at lower resolution its adapted feature is resized to
+    the teacher's map (bilinear) before the comparison [open in the paper].
+    """
+
+    def __init__(self, names: List[str], student_channels: Dict[str, int],
+                 teacher_channels: Dict[str, int]):
+        """
+        Args:
+            names: the hinted features.
+            student_channels: channels of each student feature.
+            teacher_channels: channels of each teacher feature.
+        """
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        for name in names:
+            conv = nn.Conv2d(student_channels[name], teacher_channels[name], kernel_size=1)
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(conv.bias)
+            self.adapters[name] = conv
+
+    def forward(self, name: str, student_feature: torch.Tensor,
+                teacher_feature: torch.Tensor) -> torch.Tensor:
+        adapted = self.adapters[name](student_feature)
+        if adapted.shape[-2:] != teacher_feature.shape[-2:]:
+            adapted = F.interpolate(adapted, size=teacher_feature.shape[-2:], mode="bilinear",
+                                    align_corners=False)
+        return adapted
+
+
+@META_ARCH_REGISTRY.register()
+class Chen2017Distiller(Distiller):
+    """Faster R-CNN distillation with weighted soft CE, bounded regression and hints.
+
+    Losses (each its own entry): ``loss_kd_chen2017_rpn_soft_cls``, ``..._rpn_bounded_reg``,
+    ``..._rcn_soft_cls``, ``..._rcn_bounded_reg``, ``..._hint``. With a soft term on, the student's
+    own hard classification loss (``loss_rpn_cls`` / ``loss_cls``) is scaled by mu, so that
+    ``L_cls = mu * L_hard + (1 - mu) * L_soft`` as in the paper.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        hard_weight: float = 0.5,
+        temperature: float = 1.0,
+        background_weight: float = 1.5,
+        bound_weight: float = 0.5,
+        bound_margin: float = 0.0,
+        rpn_soft_cls: bool = True,
+        rpn_bounded_reg: bool = True,
+        rcn_soft_cls: bool = True,
+        rcn_bounded_reg: bool = True,
+        hint_features: Tuple[str, ...] = (),
+        hint_weight: float = 0.5,
+        hint_norm: str = "l2",
+        **kwargs,
+    ):
+        """
+        Args:
+            hard_weight: mu; the student's hard CE is scaled by it when a soft term is on.
+            temperature: T of the softened class distributions.
+            background_weight: w of the background class in the soft CE (others 1).
+            bound_weight: nu, weight of the teacher-bounded regression.
+            bound_margin: m, margin of the bound.
+            rpn_soft_cls, rpn_bounded_reg, rcn_soft_cls, rcn_bounded_reg: switch each term.
+            hint_features: features to hint (empty: no hint loss).
+            hint_weight: gamma, weight of the hint loss.
+            hint_norm: "l2" or "l1".
+            kwargs: :class:`Distiller` arguments.
+        """
+        super().__init__(**kwargs)
+        self.hard_weight = hard_weight
+        self.temperature = temperature
+        self.background_weight = background_weight
+        self.bound_weight = bound_weight
+        self.bound_margin = bound_margin
+        self.rpn_soft_cls = rpn_soft_cls
+        self.rpn_bounded_reg = rpn_bounded_reg
+        self.rcn_soft_cls = rcn_soft_cls
+        self.rcn_bounded_reg = rcn_bounded_reg
+        self.hint_weight = hint_weight
+        self.hint_norm = hint_norm
+        self._check_compatible(hint_features)
+        self.hint_features = tuple(hint_features)
+        self.hint_adapters = None
+        if self.hint_features:
+            s_shapes = self.student.backbone.output_shape()
+            t_shapes = self.teacher.backbone.output_shape()
+            self.hint_adapters = HintAdapters(
+                list(self.hint_features),
+                {k: s_shapes[k].channels for k in self.hint_features},
+                {k: t_shapes[k].channels for k in self.hint_features},
+            ).to(self.student.device)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> dict:
+        kwargs, _ = cls.build_pair(cfg)
+        c = cfg.KD.CHEN2017
+        kwargs.update(
+            hard_weight=c.HARD_WEIGHT,
+            temperature=c.TEMPERATURE,
+            background_weight=c.BACKGROUND_WEIGHT,
+            bound_weight=c.BOUND_WEIGHT,
+            bound_margin=c.BOUND_MARGIN,
+            rpn_soft_cls=c.RPN_SOFT_CLS,
+            rpn_bounded_reg=c.RPN_BOUNDED_REG,
+            rcn_soft_cls=c.RCN_SOFT_CLS,
+            rcn_bounded_reg=c.RCN_BOUNDED_REG,
+            hint_features=tuple(c.HINT.FEATURES) if c.HINT.ENABLED else (),
+            hint_weight=c.HINT.WEIGHT,
+            hint_norm=c.HINT.NORM,
+        )
+        return kwargs
+
+    # ------------------------------------------------------------------ checks
+    def _check_compatible(self, hint_features) -> None:
+        s, t = self.student, self.teacher
+        for who, m in (("student", s), ("teacher", t)):
+            if not isinstance(getattr(m, "roi_heads", None), StandardROIHeads) or isinstance(
+                m.roi_heads, CascadeROIHeads
+            ):
+                raise ValueError(
+                    f"Chen2017Distiller needs Faster R-CNN models (GeneralizedRCNN with "
+                    f"StandardROIHeads); the {who} is {type(m).__name__} with "
+                    f"{type(getattr(m, 'roi_heads', None)).__name__}"
+                )
+        if self.rpn_soft_cls or self.rpn_bounded_reg:
+            if self.student_input_scale != 1.0:
+                raise ValueError(
+                    "KD.CHEN2017.RPN_SOFT_CLS / RPN_BOUNDED_REG compare teacher and student anchor "
+                    "by anchor, which needs both at the same input size: set them to False when "
+                    "KD.STUDENT.INPUT_SCALE != 1"
+                )
+            sa, ta = s.proposal_generator.anchor_generator, t.proposal_generator.anchor_generator
+            same = (
+                sa.strides == ta.strides
+                and sa.num_cell_anchors == ta.num_cell_anchors
+                and all(torch.equal(a, b) for a, b in zip(sa.cell_anchors, ta.cell_anchors))
+                and len(s.proposal_generator.in_features) == len(t.proposal_generator.in_features)
+            )
+            if not same:
+                raise ValueError(
+                    "KD.CHEN2017.RPN_* terms need the teacher and the student to share the anchor "
+                    "layout (MODEL.ANCHOR_GENERATOR and the RPN's feature strides); they differ. "
+                    "Align them or switch the RPN terms off"
+                )
+        s_shapes, t_shapes = s.backbone.output_shape(), t.backbone.output_shape()
+        missing = [f for f in hint_features if f not in s_shapes or f not in t_shapes]
+        if missing:
+            raise ValueError(
+                f"KD.CHEN2017.HINT.FEATURES {missing} are not outputs of both backbones "
+                f"(student: {sorted(s_shapes)}, teacher: {sorted(t_shapes)})"
+            )
+        if s.roi_heads.num_classes != t.roi_heads.num_classes:
+            raise ValueError("teacher and student ROI heads predict different class counts")
+
+    # ------------------------------------------------------------------ training
+    def forward_train(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        student = self.student
+        s_inputs = self.student_inputs(batched_inputs)
+        images = student.preprocess_image(s_inputs)
+        gt_instances = gt_instances_of(s_inputs, self.device)
+        features = student.backbone(images.tensor)
+        need_rpn = self.rpn_soft_cls or self.rpn_bounded_reg
+        need_rcn = self.rcn_soft_cls or self.rcn_bounded_reg
+        with torch.no_grad():
+            # The teacher computes only what the enabled terms need.
+            t_features = self.teacher.backbone(self.teacher_images(batched_inputs).tensor)
+
+        losses: Dict[str, torch.Tensor] = {}
+        proposals, rpn_losses = self._rpn(images, features, gt_instances, t_features, need_rpn)
+        losses.update(rpn_losses)
+        losses.update(self._rcn(features, proposals, gt_instances, t_features, need_rcn))
+        if self.hint_features:
+            losses[PREFIX + "hint"] = self.hint_weight * self._hint(features, t_features)
+        return losses
+
+    def _rpn(self, images: ImageList, features, gt_instances: List[Instances], t_features,
+             distill: bool):
+        rpn = self.student.proposal_generator
+        feats = [features[f] for f in rpn.in_features]
+        anchors = rpn.anchor_generator(feats)
+        logits, deltas = _flatten_rpn_outputs(rpn, *rpn.rpn_head(feats))
+        gt_labels, gt_boxes = rpn.label_and_sample_anchors(anchors, gt_instances)
+        losses = rpn.losses(anchors, logits, gt_labels, deltas, gt_boxes)
+        with torch.no_grad():
+            proposals = rpn.predict_proposals(anchors, logits, deltas, images.image_sizes)
+        if not distill:
+            return proposals, losses
+
+        t_rpn = self.teacher.proposal_generator
+        with torch.no_grad():
+            t_logits, t_deltas = _flatten_rpn_outputs(
+                t_rpn, *t_rpn.rpn_head([t_features[f] for f in t_rpn.in_features])
+            )
+        gt_labels = torch.stack(gt_labels)  # (N, A) 1 = object, 0 = background, -1 = ignored
+        normalizer = rpn.batch_size_per_image * gt_labels.shape[0]  # M, as in the RPN's own loss
+        if self.rpn_soft_cls:
+            sampled = gt_labels >= 0
+            soft = objectness_soft_cross_entropy(
+                cat(logits, dim=1)[sampled], cat(t_logits, dim=1)[sampled],
+                background_weight=self.background_weight, temperature=self.temperature,
+            )
+            losses["loss_rpn_cls"] = losses["loss_rpn_cls"] * self.hard_weight
+            losses[PREFIX + "rpn_soft_cls"] = (
+                (1 - self.hard_weight) * rpn.loss_weight.get("loss_rpn_cls", 1.0)
+                * soft.sum() / normalizer
+            )
+        if self.rpn_bounded_reg:
+            positive = gt_labels == 1
+            anchor_boxes = type(anchors[0]).cat(anchors).tensor
+            targets = torch.stack(
+                [rpn.box2box_transform.get_deltas(anchor_boxes, b) for b in gt_boxes]
+            )
+            bound = teacher_bounded_regression(
+                cat(deltas, dim=1)[positive], cat(t_deltas, dim=1)[positive], targets[positive],
+                margin=self.bound_margin,
+            )
+            losses[PREFIX + "rpn_bounded_reg"] = (
+                self.bound_weight * rpn.loss_weight.get("loss_rpn_loc", 1.0)
+                * bound.sum() / normalizer
+            )
+        return proposals, losses
+
+    def _rcn(self, features, proposals: List[Instances], gt_instances: List[Instances],
+             t_features, distill: bool) -> Dict[str, torch.Tensor]:
+        roi = self.student.roi_heads
+        proposals = roi.label_and_sample_proposals(proposals, gt_instances)
+        boxes = [p.proposal_boxes for p in proposals]
+        box_features = roi.box_head(roi.box_pooler([features[f] for f in roi.box_in_features],
+                                                   boxes))
+        scores, deltas = roi.box_predictor(box_features)
+        losses = roi.box_predictor.losses((scores, deltas), proposals)
+        losses.update(roi._forward_mask(features, proposals))
+        losses.update(roi._forward_keypoint(features, proposals))
+        if not distill:
+            return losses
+
+        # The teacher's box head at the student's sampled proposals, mapped to its input size.
+        t_roi = self.teacher.roi_heads
+        scale = 1.0 / self.student_input_scale
+        with torch.no_grad():
+            t_boxes = [Boxes(b.tensor * scale) for b in boxes]
+            t_box_features = t_roi.box_head(
+                t_roi.box_pooler([t_features[f] for f in t_roi.box_in_features], t_boxes)
+            )
+            t_scores, t_deltas = t_roi.box_predictor(t_box_features)
+        gt_classes = cat([p.gt_classes for p in proposals])
+        num_sampled = max(gt_classes.numel(), 1)  # N, as in the box head's own losses
+        if self.rcn_soft_cls:
+            weights = torch.ones(scores.shape[1], device=scores.device)
+            weights[-1] = self.background_weight  # detectron2 puts background last
+            soft = weighted_soft_cross_entropy(scores, t_scores, weights,
+                                               temperature=self.temperature)
+            losses["loss_cls"] = losses["loss_cls"] * self.hard_weight
+            losses[PREFIX + "rcn_soft_cls"] = (1 - self.hard_weight) * soft.sum() / num_sampled
+        if self.rcn_bounded_reg:
+            num_classes = scores.shape[1] - 1
+            fg = (gt_classes >= 0) & (gt_classes < num_classes)
+            proposal_boxes = cat([b.tensor for b in boxes])[fg]
+            gt_boxes = cat([p.gt_boxes.tensor for p in proposals])[fg]
+            targets = roi.box_predictor.box2box_transform.get_deltas(proposal_boxes, gt_boxes)
+            s_fg = _class_deltas(deltas[fg], gt_classes[fg])
+            t_fg = _class_deltas(t_deltas[fg], gt_classes[fg])
+            t_fg = self._teacher_deltas_in_student_space(t_fg, proposal_boxes)
+            bound = teacher_bounded_regression(s_fg, t_fg, targets, margin=self.bound_margin)
+            losses[PREFIX + "rcn_bounded_reg"] = self.bound_weight * bound.sum() / num_sampled
+        return losses
+
+    def _teacher_deltas_in_student_space(self, t_deltas: torch.Tensor,
+                                         proposal_boxes: torch.Tensor) -> torch.Tensor:
+        s_tf = self.student.roi_heads.box_predictor.box2box_transform
+        t_tf = self.teacher.roi_heads.box_predictor.box2box_transform
+        if tuple(s_tf.weights) == tuple(t_tf.weights):
+            return t_deltas
+        # Different BBOX_REG_WEIGHTS: decode with the teacher's, re-encode with the student's.
+        return s_tf.get_deltas(proposal_boxes, t_tf.apply_deltas(t_deltas, proposal_boxes))
+
+    def _hint(self, features, t_features) -> torch.Tensor:
+        terms = [
+            hint_loss(self.hint_adapters(name, features[name], t_features[name]),
+                      t_features[name], norm=self.hint_norm)
+            for name in self.hint_features
+        ]
+        return torch.stack(terms).mean()  # mean over the hinted levels
+
+
+def _flatten_rpn_outputs(rpn, logits, deltas):
+    """The RPN head's outputs as (N, Hi*Wi*A) and (N, Hi*Wi*A, B), the RPN's own layout."""
+    logits = [score.permute(0, 2, 3, 1).flatten(1) for score in logits]
+    box_dim = rpn.anchor_generator.box_dim
+    deltas = [
+        x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2)
+        .flatten(1, -2)
+        for x in deltas
+    ]
+    return logits, deltas
+
+
+def _class_deltas(deltas: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """The 4 deltas of each row's class (class-agnostic heads have only 4)."""
+    if deltas.shape[1] == 4:
+        return deltas
+    return deltas.view(deltas.shape[0], -1, 4)[torch.arange(len(classes)), classes]

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Write the student of a distillation checkpoint as a plain detectron2 checkpoint.
+
+    python tools/extract_student.py --config-file KD_CFG --input CKPT --output OUT.pth
+
+OUT.pth loads with the student's own config in plain detectron2 (no ``kd`` import needed for
+detectron2's builtin architectures) and evaluates to the same AP as the distiller in eval mode.
+Next to it, OUT.yaml is the student's config (for a low-resolution student, with the smaller test
+size it was trained for).
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects"))
+
+from detectron2.config import get_cfg  # noqa: E402
+
+from kd.checkpoint import export_student_config, student_state_dict  # noqa: E402
+from kd.config import add_kd_config  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", required=True, help="the KD config the run used")
+    parser.add_argument("--input", required=True, help="the distiller's checkpoint (.pth)")
+    parser.add_argument("--output", required=True, help="where to write the student (.pth)")
+    args = parser.parse_args()
+
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    if not os.path.isfile(args.input):
+        raise SystemExit(f"--input '{args.input}' does not exist")
+    checkpoint = torch.load(args.input, map_location="cpu", weights_only=False)
+    state = checkpoint.get("model", checkpoint)
+    student = student_state_dict(state)
+    dropped = sorted({k.split(".")[0] for k in state if not k.startswith("student.")})
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    torch.save({"model": student, "__author__": "kd.extract_student"}, args.output)
+    config_path = os.path.splitext(args.output)[0] + ".yaml"
+    with open(config_path, "w") as f:
+        f.write(export_student_config(cfg).dump())
+    print(f"wrote {args.output} ({len(student)} tensors; left out: {dropped or 'nothing'})")
+    print(f"wrote {config_path} (the student's config)")
+
+
+if __name__ == "__main__":
+    main()
