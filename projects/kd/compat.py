@@ -12,6 +12,8 @@ compiled ``detectron2._C``. It covers what the pure-Python detectron2 v0.6 snaps
   (:func:`build_coco_evaluator`);
 * a launcher that runs ``--num-gpus N`` as N CPU processes over gloo when there is no CUDA
   (:func:`launch`);
+* the optimizer and AMP grad-scaler state in checkpoints, which v0.6's ``DefaultTrainer`` does not
+  save, so ``--resume`` would restart momentum from zero (:class:`TrainerStateMixin`);
 * the ``MapDataset`` fallback that calls ``random.sample`` on a set (a ``TypeError`` since
   Python 3.11) (:func:`apply_runtime_fixes`).
 
@@ -32,6 +34,7 @@ __all__ = [
     "apply_runtime_fixes",
     "build_coco_evaluator",
     "launch",
+    "TrainerStateMixin",
 ]
 
 _STUB_NAME = "detectron2._C"
@@ -134,6 +137,24 @@ class _SampleableSet(set):
 
     def __getitem__(self, i: int):
         return sorted(self)[i]
+
+
+class TrainerStateMixin:
+    """Put the inner trainer's state (optimizer, AMP grad scaler) into ``DefaultTrainer``'s
+    checkpoints where detectron2 does not (v0.6). Mix in before ``DefaultTrainer``."""
+
+    def state_dict(self) -> dict:
+        ret = super().state_dict()
+        if "_trainer" not in ret:
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from detectron2.engine import DefaultTrainer
+
+        super().load_state_dict(state_dict)
+        if "load_state_dict" not in vars(DefaultTrainer) and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
 
 def build_coco_evaluator(dataset_name: str, output_dir: Optional[str] = None, **kwargs: Any):

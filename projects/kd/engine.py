@@ -172,7 +172,7 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     DetectionCheckpointer(target).load(path)
 
 
-class Trainer(DefaultTrainer):
+class Trainer(compat.TrainerStateMixin, DefaultTrainer):
     """``DefaultTrainer`` for plain detectors (teachers, baselines) and distillers alike."""
 
     def __init__(self, cfg: CfgNode):
@@ -205,6 +205,12 @@ class Trainer(DefaultTrainer):
         ret.insert(1, TrainingStateHook(self._sampler, images_per_rank))
         return ret
 
+    def train(self):
+        """Train; returns the final evaluation results (detectron2 v0.6 returns them only when
+        ``TEST.EXPECTED_RESULTS`` is set)."""
+        super().train()
+        return getattr(self, "_last_eval_results", None) if comm.is_main_process() else None
+
     def resume_or_load(self, resume: bool = True) -> None:
         if resume and self.checkpointer.has_checkpoint():
             self.checkpointer.resume_or_load("", resume=True)
@@ -236,6 +242,7 @@ class Trainer(DefaultTrainer):
             num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
         loader.kd_sampler = sampler
+        _give_loaders_own_generators(loader, sampler._seed)
         return loader
 
     @classmethod
@@ -244,6 +251,21 @@ class Trainer(DefaultTrainer):
 
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return compat.build_coco_evaluator(dataset_name, output_dir=output_folder)
+
+
+def _give_loaders_own_generators(loader, seed: int) -> None:
+    """Stop the train loader from drawing its worker seed from the global torch RNG.
+
+    With aspect-ratio grouping detectron2 nests a second DataLoader whose iterator, created on the
+    first batch, draws a seed from the global RNG: on resume that draw would come after the
+    restored RNG state and shift every later random number. A generator of their own, seeded from
+    the sampler's seed, keeps both runs on the same stream.
+    """
+    # The loader is a DataLoader, or (with grouping) an AspectRatioGroupedDataset over one.
+    candidates = (loader, getattr(loader, "dataset", None))
+    for i, dl in enumerate(candidates):
+        if isinstance(dl, torch.utils.data.DataLoader):
+            dl.generator = torch.Generator().manual_seed(seed + i)
 
 
 def _create_ddp_model(model: nn.Module) -> nn.Module:

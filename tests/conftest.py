@@ -1,0 +1,126 @@
+"""Shared fixtures: a tiny generated dataset, tiny Faster R-CNN configs and a tiny teacher.
+
+Everything is sized for a 2-core CPU: 64 px images, ResNet-18 with narrow FPN/heads, a few
+iterations. The dataset folder is put in DETECTRON2_DATASETS so that ``train_net.py`` subprocesses
+register it too (``import kd`` registers every folder there).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "projects"))
+sys.path.insert(0, str(REPO))
+
+TINY_DATASET = "kdtest"
+
+# A tiny Faster R-CNN on 64 px images; appended to any kd_shapes Faster R-CNN config.
+TINY_RCNN_OPTS = [
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.FPN.OUT_CHANNELS", "32",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", "100",
+    "MODEL.RPN.POST_NMS_TOPK_TEST", "32",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "64",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.BASE_LR", "0.005",
+    "SOLVER.WARMUP_ITERS", "2",
+    "SOLVER.STEPS", "()",
+    "SOLVER.MAX_ITER", "3",
+    "DATASETS.TRAIN", f"('{TINY_DATASET}_train',)",
+    "DATASETS.TEST", f"('{TINY_DATASET}_val',)",
+    "DATALOADER.NUM_WORKERS", "0",
+    "SEED", "7",
+]
+
+
+@pytest.fixture(scope="session")
+def datasets_root(tmp_path_factory) -> Path:
+    """A tiny kd_shapes-like dataset (16 train / 6 val, 64 px), registered as kdtest_*."""
+    from kd.data import register_folder_datasets
+    from kd.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("datasets")
+    generate_dataset(str(root), TINY_DATASET, seed=3, num_train=16, num_val=6, image_size=64,
+                     verbose=False)
+    os.environ["DETECTRON2_DATASETS"] = str(root)
+    register_folder_datasets(str(root))
+    return root
+
+
+def run_train_net(args: List[str], env_root: Path, check: bool = True, timeout: int = 600
+                  ) -> subprocess.CompletedProcess:
+    """Run ``train_net.py`` in a subprocess with the tiny dataset registered."""
+    env = dict(os.environ, DETECTRON2_DATASETS=str(env_root), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(REPO / "train_net.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_net.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(datasets_root, tmp_path_factory):
+    """(config file, weights) of a tiny teacher trained for 3 iterations through train_net.py.
+
+    It is wider than the tiny student (FPN 48 vs 32 channels), so the hint adapters really map
+    channels.
+    """
+    out = tmp_path_factory.mktemp("teacher")
+    config = out / "teacher.yaml"
+    config.write_text(
+        f'_BASE_: "{REPO}/configs/kd_shapes/faster_rcnn_teacher.yaml"\n'
+        "MODEL:\n  RESNETS:\n    DEPTH: 18\n    RES2_OUT_CHANNELS: 64\n"
+        "  FPN:\n    OUT_CHANNELS: 48\n  ROI_BOX_HEAD:\n    FC_DIM: 64\n"
+    )
+    opts = [o for o in TINY_RCNN_OPTS]
+    i = opts.index("MODEL.FPN.OUT_CHANNELS")
+    del opts[i:i + 2]
+    run_train_net(["--config-file", str(config), *opts, "OUTPUT_DIR", str(out / "run"),
+                   "DATASETS.TEST", "()"], datasets_root)
+    weights = out / "run" / "model_final.pth"
+    assert weights.is_file()
+    # The teacher config must carry the tiny input/proposal sizes too: write them in.
+    from detectron2.config import get_cfg
+
+    from kd.config import add_kd_config
+
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_file(str(config))
+    cfg.merge_from_list(opts)
+    config.write_text(cfg.dump())
+    return str(config), str(weights)
+
+
+def kd_opts(teacher, out_dir) -> List[str]:
+    """Options that turn the Chen et al. KD config into a tiny run with the tiny teacher."""
+    config, weights = teacher
+    return [*TINY_RCNN_OPTS, "KD.TEACHER.CONFIG_FILE", config, "KD.TEACHER.WEIGHTS", weights,
+            "OUTPUT_DIR", str(out_dir)]
+
+
+def build_cfg(config_file: str, opts: List[str]):
+    """A frozen config as train_net.py builds it (without its logging side effects)."""
+    from detectron2.config import get_cfg
+
+    from kd.config import add_kd_config
+
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_file(str(REPO / config_file) if not os.path.isabs(config_file) else config_file)
+    cfg.merge_from_list(opts)
+    cfg.freeze()
+    return cfg

@@ -1,0 +1,220 @@
+"""End to end through train_net.py: train, evaluate, resume, 2 processes, bad teachers, export."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_RCNN_OPTS, build_cfg, kd_opts, run_train_net
+
+KD_CONFIG = "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml"
+STUDENT_CONFIG = "configs/kd_shapes/faster_rcnn_student.yaml"
+
+
+def _student_weights(path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return {k: v for k, v in state.items() if k.startswith("student.")}
+
+
+def test_train_eval_and_resume(datasets_root, tiny_teacher, tmp_path):
+    out = tmp_path / "run"
+    run_train_net(["--config-file", KD_CONFIG, *kd_opts(tiny_teacher, out),
+                   "SOLVER.CHECKPOINT_PERIOD", "2"], datasets_root)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert set(results["bbox"]) >= {"AP", "AP50", "AP75"}
+    assert (out / "model_final.pth").is_file()
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert any("loss_kd_chen2017_hint" in m for m in metrics)
+    # Resume with a longer schedule: training continues after the last iteration, not from 0.
+    proc = run_train_net(["--config-file", KD_CONFIG, "--resume", *kd_opts(tiny_teacher, out),
+                          "SOLVER.MAX_ITER", "4", "DATASETS.TEST", "()"], datasets_root)
+    assert "Starting training from iteration 3" in proc.stdout + proc.stderr
+    # --eval-only on the distiller's checkpoint evaluates the student.
+    run_train_net(["--config-file", KD_CONFIG, "--eval-only", *kd_opts(tiny_teacher, out),
+                   "MODEL.WEIGHTS", str(out / "model_final.pth")], datasets_root)
+
+
+def test_resume_equals_uninterrupted(datasets_root, tiny_teacher, tmp_path):
+    """A run stopped at a checkpoint and resumed ends with the same student weights.
+
+    The interrupted run is trained to iteration 3 of 6 (its last checkpoint); the learning-rate
+    schedule is defined in iterations, so resuming it with MAX_ITER 6 is the same schedule.
+    """
+    common = ["SOLVER.STEPS", "(4,)", "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "3"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run_train_net(["--config-file", KD_CONFIG, *kd_opts(tiny_teacher, straight), *common,
+                   "SOLVER.MAX_ITER", "6"], datasets_root)
+    run_train_net(["--config-file", KD_CONFIG, *kd_opts(tiny_teacher, interrupted), *common,
+                   "SOLVER.MAX_ITER", "3"], datasets_root)
+    at_interruption = _student_weights(interrupted / "model_final.pth")
+    run_train_net(["--config-file", KD_CONFIG, "--resume", *kd_opts(tiny_teacher, interrupted),
+                   *common, "SOLVER.MAX_ITER", "6"], datasets_root)
+    a = _student_weights(straight / "model_final.pth")
+    b = _student_weights(interrupted / "model_final.pth")
+    assert a.keys() == b.keys() and len(a) > 50
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], at_interruption[k]) for k in a)  # it trained after resuming
+
+
+def test_two_cpu_processes_end_with_identical_students(datasets_root, tiny_teacher, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root), PYTHONWARNINGS="ignore")
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from dist_worker import main; "
+        f"main({str(out)!r}, {[ '--config-file', KD_CONFIG, *kd_opts(tiny_teacher, out), 'DATASETS.TEST', '()', 'SOLVER.IMS_PER_BATCH', '4']!r})"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0 = torch.load(out / "rank0.pth", weights_only=True)
+    rank1 = torch.load(out / "rank1.pth", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    # ... and they trained on different data: 2 processes x 2 images each.
+    assert "world size: 2" in (out / "world.txt").read_text()
+
+
+@pytest.mark.parametrize("case", ["missing", "unreadable", "wrong_architecture", "kd_checkpoint",
+                                  "empty"])
+def test_bad_teacher_weights_are_refused(datasets_root, tiny_teacher, tmp_path, case):
+    from detectron2.modeling import build_model
+
+    from kd.teacher import TeacherError
+
+    config, weights = tiny_teacher
+    bad = tmp_path / "bad.pth"
+    if case == "missing":
+        bad = tmp_path / "nowhere.pth"
+        expect = "does not exist"
+    elif case == "unreadable":
+        bad.write_bytes(b"this is not a checkpoint")
+        expect = "could not be read"
+    elif case == "wrong_architecture":
+        # A student-sized model's weights for the (wider) teacher: shapes do not fit.
+        student = build_model(build_cfg(STUDENT_CONFIG, TINY_RCNN_OPTS))
+        torch.save({"model": student.state_dict()}, bad)
+        expect = "does not fit the teacher"
+    elif case == "kd_checkpoint":
+        state = torch.load(weights, weights_only=True)["model"]
+        torch.save({"model": {f"student.{k}": v for k, v in state.items()}}, bad)
+        expect = "extract_student"
+    else:
+        bad = ""
+        expect = "KD.TEACHER.WEIGHTS is empty"
+    opts = [*kd_opts(tiny_teacher, tmp_path), "KD.TEACHER.WEIGHTS", str(bad)]
+    with pytest.raises(TeacherError, match=expect):
+        build_model(build_cfg(KD_CONFIG, opts))
+
+
+def test_bad_teacher_stops_train_net_with_a_message(datasets_root, tiny_teacher, tmp_path):
+    opts = [*kd_opts(tiny_teacher, tmp_path), "KD.TEACHER.WEIGHTS", str(tmp_path / "none.pth")]
+    proc = run_train_net(["--config-file", KD_CONFIG, *opts], datasets_root, check=False)
+    assert proc.returncode != 0
+    assert "train the teacher first" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_class_count_mismatch_is_refused(datasets_root, tiny_teacher, tmp_path):
+    from detectron2.modeling import build_model
+
+    from kd.teacher import TeacherError
+
+    opts = [*kd_opts(tiny_teacher, tmp_path), "MODEL.ROI_HEADS.NUM_CLASSES", "5"]
+    with pytest.raises(TeacherError, match="class-count mismatch"):
+        build_model(build_cfg(KD_CONFIG, opts))
+
+
+def test_missing_teacher_config_is_refused(datasets_root, tiny_teacher, tmp_path):
+    from detectron2.modeling import build_model
+
+    from kd.teacher import TeacherError
+
+    opts = [*kd_opts(tiny_teacher, tmp_path), "KD.TEACHER.CONFIG_FILE", "configs/nope.yaml"]
+    with pytest.raises(TeacherError, match="does not exist"):
+        build_model(build_cfg(KD_CONFIG, opts))
+
+
+def test_exported_student_is_the_same_detector(datasets_root, tiny_teacher, tmp_path):
+    """extract_student's file, loaded in a plain detectron2 model, predicts exactly the same."""
+    out = tmp_path / "kd"
+    run_train_net(["--config-file", KD_CONFIG, *kd_opts(tiny_teacher, out)], datasets_root)
+    exported = tmp_path / "student.pth"
+    subprocess.run([sys.executable, "tools/extract_student.py", "--config-file", KD_CONFIG,
+                    "--input", str(out / "model_final.pth"), "--output", str(exported)],
+                   cwd=REPO, check=True, capture_output=True)
+    # Plain detectron2, no kd import, reading the exported config: the same AP.
+    code = (
+        "import json, sys\n"
+        "from detectron2.config import get_cfg\n"
+        "from detectron2.modeling import build_model\n"
+        "from detectron2.checkpoint import DetectionCheckpointer\n"
+        "from detectron2.data.datasets import register_coco_instances\n"
+        "from detectron2.evaluation import COCOEvaluator, inference_on_dataset\n"
+        "from detectron2.data import build_detection_test_loader\n"
+        "root = sys.argv[3]\n"
+        "register_coco_instances('plain_val', {}, f'{root}/kdtest/annotations/instances_val.json',"
+        " f'{root}/kdtest/val')\n"
+        "cfg = get_cfg(); cfg.merge_from_file(sys.argv[1]); cfg.MODEL.WEIGHTS = sys.argv[2]\n"
+        "model = build_model(cfg); DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)\n"
+        "ev = COCOEvaluator('plain_val', output_dir=None, use_fast_impl=False)\n"
+        "res = inference_on_dataset(model, build_detection_test_loader(cfg, 'plain_val'), ev)\n"
+        "print('RESULT', json.dumps(res['bbox']))\n"
+    )
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "student.yaml"),
+                           str(exported), str(datasets_root)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = json.loads(proc.stdout.split("RESULT", 1)[1])
+    distilled = json.loads((out / "eval_results.json").read_text())["bbox"]
+    for k in ("AP", "AP50", "AP75"):
+        assert plain[k] == pytest.approx(distilled[k], abs=1e-9) or (
+            plain[k] != plain[k] and distilled[k] != distilled[k]  # both NaN: no detections
+        )
+    # Stronger than equal AP: identical predictions on an image.
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    kd_model = build_model(build_cfg(KD_CONFIG, kd_opts(tiny_teacher, out)))
+    DetectionCheckpointer(kd_model).load(str(out / "model_final.pth"))
+    student = build_model(build_cfg(str(tmp_path / "student.yaml"), []))
+    DetectionCheckpointer(student).load(str(exported))
+    kd_model.eval()
+    student.eval()
+    image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        a = kd_model([{"image": image}])[0]["instances"]
+        b = student([{"image": image}])[0]["instances"]
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    assert torch.equal(a.scores, b.scores)
+
+
+def test_student_initialised_from_plain_checkpoint_and_pkl(datasets_root, tiny_teacher, tmp_path):
+    """MODEL.WEIGHTS goes into the student (no 'student.' prefix needed), .pth and .pkl alike."""
+    import pickle
+
+    from detectron2.modeling import build_model
+
+    from kd.engine import load_pretrained
+
+    donor = build_model(build_cfg(STUDENT_CONFIG, [*TINY_RCNN_OPTS, "SEED", "99"]))
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.add_(1.0)  # unmistakably different from a fresh init
+    pth = tmp_path / "plain.pth"
+    torch.save({"model": donor.state_dict()}, pth)
+    # An ImageNet-style .pkl holds only backbone weights, as numpy arrays.
+    pkl = tmp_path / "backbone.pkl"
+    backbone = {k: v.numpy() for k, v in donor.state_dict().items() if "bottom_up" in k}
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": backbone, "__author__": "test"}, f)
+
+    cfg = build_cfg(KD_CONFIG, kd_opts(tiny_teacher, tmp_path))
+    for path, keys in ((pth, donor.state_dict().keys()), (pkl, backbone.keys())):
+        model = build_model(cfg)
+        load_pretrained(model, str(path))
+        got = model.student.state_dict()
+        for k in keys:
+            assert torch.equal(got[k], donor.state_dict()[k]), (path, k)
