@@ -141,9 +141,14 @@ def test_exported_student_is_the_same_detector(datasets_root, tiny_teacher, tmp_
     out = tmp_path / "kd"
     run_train_net(["--config-file", KD_CONFIG, *kd_opts(tiny_teacher, out)], datasets_root)
     exported = tmp_path / "student.pth"
-    subprocess.run([sys.executable, "tools/extract_student.py", "--config-file", KD_CONFIG,
-                    "--input", str(out / "model_final.pth"), "--output", str(exported)],
-                   cwd=REPO, check=True, capture_output=True)
+    # With the KD config file alone the tiny overrides are missing: the weights do not fit.
+    wrong = subprocess.run([sys.executable, "tools/extract_student.py", "--config-file",
+                            KD_CONFIG, "--input", str(out / "model_final.pth"), "--output",
+                            str(tmp_path / "wrong.pth")], cwd=REPO, capture_output=True, text=True)
+    assert wrong.returncode != 0 and "does not fit the config" in wrong.stderr
+    subprocess.run([sys.executable, "tools/extract_student.py", "--config-file",
+                    str(out / "config.yaml"), "--input", str(out / "model_final.pth"),
+                    "--output", str(exported)], cwd=REPO, check=True, capture_output=True)
     # Plain detectron2, no kd import, reading the exported config: the same AP.
     code = (
         "import json, sys\n"

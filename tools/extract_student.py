@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Write the student of a distillation checkpoint as a plain detectron2 checkpoint.
 
-    python tools/extract_student.py --config-file KD_CFG --input CKPT --output OUT.pth
+    python tools/extract_student.py --config-file KD_CFG --input CKPT --output OUT.pth [KEY VALUE ...]
+
+KD_CFG is the config the run used, with the same KEY VALUE overrides; the run's own
+``OUTPUT_DIR/config.yaml`` (everything merged) is the safest choice.
 
 OUT.pth loads with the student's own config in plain detectron2 (no ``kd`` import needed for
 detectron2's builtin architectures) and evaluates to the same AP as the distiller in eval mode.
@@ -22,27 +25,48 @@ from kd.checkpoint import export_student_config, student_state_dict  # noqa: E40
 from kd.config import add_kd_config  # noqa: E402
 
 
+def check_fits(student_cfg, weights: dict) -> None:
+    """Refuse to write a student whose weights do not fit its config (wrong config or options)."""
+    import kd  # noqa: F401  (registers the architectures kd provides)
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    model = build_model(student_cfg)
+    incompatible = DetectionCheckpointer(model)._load_model({"model": dict(weights)})
+    if incompatible.missing_keys or incompatible.incorrect_shapes:
+        bad = [k for k, *_ in incompatible.incorrect_shapes] + list(incompatible.missing_keys)
+        raise SystemExit(
+            f"the checkpoint's student does not fit the config ({len(bad)} weights missing or of "
+            f"another shape, e.g. {', '.join(bad[:3])}). Pass the config the run used with the "
+            "same KEY VALUE overrides; OUTPUT_DIR/config.yaml of the run holds all of it"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, help="the KD config the run used")
     parser.add_argument("--input", required=True, help="the distiller's checkpoint (.pth)")
     parser.add_argument("--output", required=True, help="where to write the student (.pth)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the run")
     args = parser.parse_args()
 
     cfg = get_cfg()
     add_kd_config(cfg)
     cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
     if not os.path.isfile(args.input):
         raise SystemExit(f"--input '{args.input}' does not exist")
     checkpoint = torch.load(args.input, map_location="cpu", weights_only=False)
     state = checkpoint.get("model", checkpoint)
     student = student_state_dict(state)
     dropped = sorted({k.split(".")[0] for k in state if not k.startswith("student.")})
+    student_cfg = export_student_config(cfg)
+    check_fits(student_cfg, student)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     torch.save({"model": student, "__author__": "kd.extract_student"}, args.output)
     config_path = os.path.splitext(args.output)[0] + ".yaml"
     with open(config_path, "w") as f:
-        f.write(export_student_config(cfg).dump())
+        f.write(student_cfg.dump())
     print(f"wrote {args.output} ({len(student)} tensors; left out: {dropped or 'nothing'})")
     print(f"wrote {config_path} (the student's config)")
 

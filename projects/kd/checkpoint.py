@@ -3,13 +3,16 @@ from typing import Dict
 
 import torch
 
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, get_cfg
 
 from kd.meta_arch.base import student_config
 
 __all__ = ["student_state_dict", "export_student_config"]
 
 _STUDENT_PREFIX = "student."
+# Students whose architecture (and config keys) this package provides: their exported config keeps
+# its extra keys, and loading it needs `import kd`.
+KD_PROVIDED_ARCHITECTURES = ("DETR", "FCOS")
 
 
 def student_state_dict(model_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -43,12 +46,17 @@ def export_student_config(cfg: CfgNode) -> CfgNode:
         scfg.INPUT.MAX_SIZE_TEST = int(round(cfg.INPUT.MAX_SIZE_TEST * scale))
         scfg.INPUT.MIN_SIZE_TRAIN = tuple(int(round(s * scale)) for s in cfg.INPUT.MIN_SIZE_TRAIN)
         scfg.INPUT.MAX_SIZE_TRAIN = int(round(cfg.INPUT.MAX_SIZE_TRAIN * scale))
-    # Only keys plain detectron2 knows, so the file merges into get_cfg() without `import kd`
-    # (the DETR family, not in detectron2, keeps its own keys).
     scfg.pop("KD")
-    if scfg.MODEL.META_ARCHITECTURE != "DETR":
-        scfg.MODEL.pop("DETR", None)
-        for key in ("OPTIMIZER", "BACKBONE_MULTIPLIER"):
-            scfg.SOLVER.pop(key, None)
+    if scfg.MODEL.META_ARCHITECTURE not in KD_PROVIDED_ARCHITECTURES:
+        # Only keys plain detectron2 knows, so the file merges into get_cfg() without `import kd`.
+        _prune_to(scfg, get_cfg())
     scfg.freeze()
     return scfg
+
+
+def _prune_to(cfg: CfgNode, reference: CfgNode) -> None:
+    for key in list(cfg.keys()):
+        if key not in reference:
+            cfg.pop(key)
+        elif isinstance(cfg[key], CfgNode) and isinstance(reference[key], CfgNode):
+            _prune_to(cfg[key], reference[key])
