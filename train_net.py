@@ -7,17 +7,18 @@
 Plain configs (teachers, baseline students) and KD configs (``MODEL.META_ARCHITECTURE`` a
 distiller) go through the same code. Without CUDA, ``--num-gpus N`` starts N CPU processes.
 """
+
 import json
 import logging
 import os
 
-import kd  # noqa: F401  (registers the distillers, the DETR family and the datasets)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
+import kd  # noqa: F401  (registers the distillers, the DETR family and the datasets)
 from kd.compat import launch
 from kd.config import add_kd_config
 from kd.data import validate_datasets

@@ -4,6 +4,7 @@ Everything is sized for a 2-core CPU: 64 px images, ResNet-18 with narrow FPN/he
 iterations. The dataset folder is put in DETECTRON2_DATASETS so that ``train_net.py`` subprocesses
 register it too (``import kd`` registers every folder there).
 """
+
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ sys.path.insert(0, str(REPO))
 TINY_DATASET = "kdtest"
 
 # A tiny Faster R-CNN on 64 px images; appended to any kd_shapes Faster R-CNN config.
+# fmt: off
 TINY_RCNN_OPTS = [
     "MODEL.RESNETS.DEPTH", "18",
     "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
@@ -43,6 +45,7 @@ TINY_RCNN_OPTS = [
     "DATALOADER.NUM_WORKERS", "0",
     "SEED", "7",
 ]
+# fmt: on
 
 
 @pytest.fixture(scope="session")
@@ -52,22 +55,32 @@ def datasets_root(tmp_path_factory) -> Path:
     from kd.data.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("datasets")
-    generate_dataset(str(root), TINY_DATASET, seed=3, num_train=16, num_val=6, image_size=64,
-                     verbose=False)
+    generate_dataset(
+        str(root), TINY_DATASET, seed=3, num_train=16, num_val=6, image_size=64, verbose=False
+    )
     os.environ["DETECTRON2_DATASETS"] = str(root)
     register_folder_datasets(str(root))
     return root
 
 
-def run_train_net(args: List[str], env_root: Path, check: bool = True, timeout: int = 600
-                  ) -> subprocess.CompletedProcess:
+def run_train_net(
+    args: List[str], env_root: Path, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``train_net.py`` in a subprocess with the tiny dataset registered."""
     env = dict(os.environ, DETECTRON2_DATASETS=str(env_root), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(REPO / "train_net.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_net.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"train_net.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"train_net.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -87,9 +100,19 @@ def tiny_teacher(datasets_root, tmp_path_factory):
     )
     opts = [o for o in TINY_RCNN_OPTS]
     i = opts.index("MODEL.FPN.OUT_CHANNELS")
-    del opts[i:i + 2]
-    run_train_net(["--config-file", str(config), *opts, "OUTPUT_DIR", str(out / "run"),
-                   "DATASETS.TEST", "()"], datasets_root)
+    del opts[i : i + 2]
+    run_train_net(
+        [
+            "--config-file",
+            str(config),
+            *opts,
+            "OUTPUT_DIR",
+            str(out / "run"),
+            "DATASETS.TEST",
+            "()",
+        ],
+        datasets_root,
+    )
     weights = out / "run" / "model_final.pth"
     assert weights.is_file()
     # The teacher config must carry the tiny input/proposal sizes too: write them in.
@@ -108,8 +131,15 @@ def tiny_teacher(datasets_root, tmp_path_factory):
 def kd_opts(teacher, out_dir) -> List[str]:
     """Options that turn the Chen et al. KD config into a tiny run with the tiny teacher."""
     config, weights = teacher
-    return [*TINY_RCNN_OPTS, "KD.TEACHER.CONFIG_FILE", config, "KD.TEACHER.WEIGHTS", weights,
-            "OUTPUT_DIR", str(out_dir)]
+    return [
+        *TINY_RCNN_OPTS,
+        "KD.TEACHER.CONFIG_FILE",
+        config,
+        "KD.TEACHER.WEIGHTS",
+        weights,
+        "OUTPUT_DIR",
+        str(out_dir),
+    ]
 
 
 def build_cfg(config_file: str, opts: List[str]):

@@ -1,4 +1,5 @@
 """Run train_net.main in 2 CPU processes through kd.compat.launch; each rank saves its student."""
+
 import os
 import sys
 
@@ -7,9 +8,9 @@ import torch
 
 def _train_and_dump(args, out_dir):
     import torch.distributed as dist
+    from detectron2.utils import comm
 
     import train_net
-    from detectron2.utils import comm
 
     cfg = train_net.setup(args)
     trainer = train_net.Trainer(cfg)

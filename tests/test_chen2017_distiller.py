@@ -1,12 +1,11 @@
 """The Chen et al. 2017 distiller on real (tiny) detectron2 models."""
+
 import copy
 
 import pytest
 import torch
-
-from detectron2.utils.events import EventStorage
-
 from conftest import build_cfg, kd_opts
+from detectron2.utils.events import EventStorage
 
 KD_CONFIG = "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml"
 
@@ -59,18 +58,27 @@ def test_hard_losses_scaled_by_mu(tiny_teacher, tmp_path, batch):
     torch.manual_seed(123)
     plain = model.student(batch)
     assert kd_losses["loss_cls"].item() == pytest.approx(mu * plain["loss_cls"].item(), rel=1e-5)
-    assert kd_losses["loss_rpn_cls"].item() == pytest.approx(mu * plain["loss_rpn_cls"].item(),
-                                                             rel=1e-5)
+    assert kd_losses["loss_rpn_cls"].item() == pytest.approx(
+        mu * plain["loss_rpn_cls"].item(), rel=1e-5
+    )
     # Regression losses are not scaled: the bound is added on top.
     assert kd_losses["loss_box_reg"].item() == pytest.approx(plain["loss_box_reg"].item(), rel=1e-5)
 
 
 def test_terms_switch_off(tiny_teacher, tmp_path, batch):
     model = build(
-        tiny_teacher, tmp_path,
-        "KD.CHEN2017.RPN_SOFT_CLS", "False", "KD.CHEN2017.RPN_BOUNDED_REG", "False",
-        "KD.CHEN2017.RCN_SOFT_CLS", "False", "KD.CHEN2017.RCN_BOUNDED_REG", "False",
-        "KD.CHEN2017.HINT.ENABLED", "False",
+        tiny_teacher,
+        tmp_path,
+        "KD.CHEN2017.RPN_SOFT_CLS",
+        "False",
+        "KD.CHEN2017.RPN_BOUNDED_REG",
+        "False",
+        "KD.CHEN2017.RCN_SOFT_CLS",
+        "False",
+        "KD.CHEN2017.RCN_BOUNDED_REG",
+        "False",
+        "KD.CHEN2017.HINT.ENABLED",
+        "False",
     )
     model.train()
     torch.manual_seed(5)
@@ -132,8 +140,14 @@ def test_eval_mode_is_exactly_the_student(tiny_teacher, tmp_path, batch):
 
 def test_low_resolution_student(tiny_teacher, tmp_path, batch):
     model = build(
-        tiny_teacher, tmp_path, "KD.STUDENT.INPUT_SCALE", "0.5",
-        "KD.CHEN2017.RPN_SOFT_CLS", "False", "KD.CHEN2017.RPN_BOUNDED_REG", "False",
+        tiny_teacher,
+        tmp_path,
+        "KD.STUDENT.INPUT_SCALE",
+        "0.5",
+        "KD.CHEN2017.RPN_SOFT_CLS",
+        "False",
+        "KD.CHEN2017.RPN_BOUNDED_REG",
+        "False",
     )
     model.train()
     small = model.student_inputs(batch)

@@ -1,13 +1,14 @@
 """Every shipped config loads, and every KD config names a teacher config that exists."""
+
 import os
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, build_cfg
 
 CONFIGS = sorted(
-    str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")
+    str(p.relative_to(REPO))
+    for p in (REPO / "configs").rglob("*.yaml")
     if not p.name.startswith("Base-")
 )
 

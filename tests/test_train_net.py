@@ -1,4 +1,5 @@
 """End to end through train_net.py: train, evaluate, resume, 2 processes, bad teachers, export."""
+
 import json
 import os
 import subprocess
@@ -6,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_RCNN_OPTS, build_cfg, kd_opts, run_train_net
 
 KD_CONFIG = "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml"
@@ -20,20 +20,42 @@ def _student_weights(path) -> dict:
 
 def test_train_eval_and_resume(datasets_root, tiny_teacher, tmp_path):
     out = tmp_path / "run"
-    run_train_net(["--config-file", KD_CONFIG, *kd_opts(tiny_teacher, out),
-                   "SOLVER.CHECKPOINT_PERIOD", "2"], datasets_root)
+    run_train_net(
+        ["--config-file", KD_CONFIG, *kd_opts(tiny_teacher, out), "SOLVER.CHECKPOINT_PERIOD", "2"],
+        datasets_root,
+    )
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results["bbox"]) >= {"AP", "AP50", "AP75"}
     assert (out / "model_final.pth").is_file()
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert any("loss_kd_chen2017_hint" in m for m in metrics)
     # Resume with a longer schedule: training continues after the last iteration, not from 0.
-    proc = run_train_net(["--config-file", KD_CONFIG, "--resume", *kd_opts(tiny_teacher, out),
-                          "SOLVER.MAX_ITER", "4", "DATASETS.TEST", "()"], datasets_root)
+    proc = run_train_net(
+        [
+            "--config-file",
+            KD_CONFIG,
+            "--resume",
+            *kd_opts(tiny_teacher, out),
+            "SOLVER.MAX_ITER",
+            "4",
+            "DATASETS.TEST",
+            "()",
+        ],
+        datasets_root,
+    )
     assert "Starting training from iteration 3" in proc.stdout + proc.stderr
     # --eval-only on the distiller's checkpoint evaluates the student.
-    run_train_net(["--config-file", KD_CONFIG, "--eval-only", *kd_opts(tiny_teacher, out),
-                   "MODEL.WEIGHTS", str(out / "model_final.pth")], datasets_root)
+    run_train_net(
+        [
+            "--config-file",
+            KD_CONFIG,
+            "--eval-only",
+            *kd_opts(tiny_teacher, out),
+            "MODEL.WEIGHTS",
+            str(out / "model_final.pth"),
+        ],
+        datasets_root,
+    )
 
 
 def test_resume_equals_uninterrupted(datasets_root, tiny_teacher, tmp_path):
@@ -44,13 +66,41 @@ def test_resume_equals_uninterrupted(datasets_root, tiny_teacher, tmp_path):
     """
     common = ["SOLVER.STEPS", "(4,)", "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "3"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run_train_net(["--config-file", KD_CONFIG, *kd_opts(tiny_teacher, straight), *common,
-                   "SOLVER.MAX_ITER", "6"], datasets_root)
-    run_train_net(["--config-file", KD_CONFIG, *kd_opts(tiny_teacher, interrupted), *common,
-                   "SOLVER.MAX_ITER", "3"], datasets_root)
+    run_train_net(
+        [
+            "--config-file",
+            KD_CONFIG,
+            *kd_opts(tiny_teacher, straight),
+            *common,
+            "SOLVER.MAX_ITER",
+            "6",
+        ],
+        datasets_root,
+    )
+    run_train_net(
+        [
+            "--config-file",
+            KD_CONFIG,
+            *kd_opts(tiny_teacher, interrupted),
+            *common,
+            "SOLVER.MAX_ITER",
+            "3",
+        ],
+        datasets_root,
+    )
     at_interruption = _student_weights(interrupted / "model_final.pth")
-    run_train_net(["--config-file", KD_CONFIG, "--resume", *kd_opts(tiny_teacher, interrupted),
-                   *common, "SOLVER.MAX_ITER", "6"], datasets_root)
+    run_train_net(
+        [
+            "--config-file",
+            KD_CONFIG,
+            "--resume",
+            *kd_opts(tiny_teacher, interrupted),
+            *common,
+            "SOLVER.MAX_ITER",
+            "6",
+        ],
+        datasets_root,
+    )
     a = _student_weights(straight / "model_final.pth")
     b = _student_weights(interrupted / "model_final.pth")
     assert a.keys() == b.keys() and len(a) > 50
@@ -61,12 +111,17 @@ def test_resume_equals_uninterrupted(datasets_root, tiny_teacher, tmp_path):
 def test_two_cpu_processes_end_with_identical_students(datasets_root, tiny_teacher, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root), PYTHONWARNINGS="ignore")
+    # One thread per process: two processes with two threads each on 2 cores thrash.
+    env["OMP_NUM_THREADS"] = "1"
+    argv = ["--config-file", KD_CONFIG, *kd_opts(tiny_teacher, out), "DATASETS.TEST", "()"]
+    argv += ["SOLVER.IMS_PER_BATCH", "4"]
     code = (
         "import sys; sys.path.insert(0, 'tests'); from dist_worker import main; "
-        f"main({str(out)!r}, {[ '--config-file', KD_CONFIG, *kd_opts(tiny_teacher, out), 'DATASETS.TEST', '()', 'SOLVER.IMS_PER_BATCH', '4']!r})"
+        f"main({str(out)!r}, {argv!r})"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank0 = torch.load(out / "rank0.pth", weights_only=True)
     rank1 = torch.load(out / "rank1.pth", weights_only=True)
@@ -76,8 +131,9 @@ def test_two_cpu_processes_end_with_identical_students(datasets_root, tiny_teach
     assert "world size: 2" in (out / "world.txt").read_text()
 
 
-@pytest.mark.parametrize("case", ["missing", "unreadable", "wrong_architecture", "kd_checkpoint",
-                                  "empty"])
+@pytest.mark.parametrize(
+    "case", ["missing", "unreadable", "wrong_architecture", "kd_checkpoint", "empty"]
+)
 def test_bad_teacher_weights_are_refused(datasets_root, tiny_teacher, tmp_path, case):
     from detectron2.modeling import build_model
 
@@ -142,13 +198,37 @@ def test_exported_student_is_the_same_detector(datasets_root, tiny_teacher, tmp_
     run_train_net(["--config-file", KD_CONFIG, *kd_opts(tiny_teacher, out)], datasets_root)
     exported = tmp_path / "student.pth"
     # With the KD config file alone the tiny overrides are missing: the weights do not fit.
-    wrong = subprocess.run([sys.executable, "tools/extract_student.py", "--config-file",
-                            KD_CONFIG, "--input", str(out / "model_final.pth"), "--output",
-                            str(tmp_path / "wrong.pth")], cwd=REPO, capture_output=True, text=True)
+    wrong = subprocess.run(
+        [
+            sys.executable,
+            "tools/extract_student.py",
+            "--config-file",
+            KD_CONFIG,
+            "--input",
+            str(out / "model_final.pth"),
+            "--output",
+            str(tmp_path / "wrong.pth"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert wrong.returncode != 0 and "does not fit the config" in wrong.stderr
-    subprocess.run([sys.executable, "tools/extract_student.py", "--config-file",
-                    str(out / "config.yaml"), "--input", str(out / "model_final.pth"),
-                    "--output", str(exported)], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "tools/extract_student.py",
+            "--config-file",
+            str(out / "config.yaml"),
+            "--input",
+            str(out / "model_final.pth"),
+            "--output",
+            str(exported),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     # Plain detectron2, no kd import, reading the exported config: the same AP.
     code = (
         "import json, sys\n"
@@ -168,9 +248,20 @@ def test_exported_student_is_the_same_detector(datasets_root, tiny_teacher, tmp_
         "print('RESULT', json.dumps(res['bbox']))\n"
     )
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "student.yaml"),
-                           str(exported), str(datasets_root)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(tmp_path / "student.yaml"),
+            str(exported),
+            str(datasets_root),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     plain = json.loads(proc.stdout.split("RESULT", 1)[1])
     distilled = json.loads((out / "eval_results.json").read_text())["bbox"]

@@ -9,6 +9,7 @@ COCOEvaluator on kd_shapes_val, and the demo ends by printing a table and writin
 ``eval_results.json`` already exists is not repeated, and an interrupted run resumes from its last
 checkpoint, so an interrupted demo can simply be started again.
 """
+
 import argparse
 import json
 import os
@@ -26,7 +27,14 @@ RUNS = [
     ("baseline_student", "faster_rcnn_student.yaml", []),
     ("chen2017", "faster_rcnn_kd_chen2017.yaml", []),
 ]
-PROGRESS_MARKS = ("eta:", "Evaluation results for bbox", "|   AP   |", "| ", "error", "Error")
+# Which lines of train_net.py's output to show: iteration progress and the final AP table.
+PROGRESS_MARKS = ("eta:", "Evaluation results for bbox", "error:")
+
+
+def _shorten(line: str) -> str:
+    # "[time d2.utils.events]:  eta: ... iter: N  total_loss: ..." -> from "eta:" on, 150 chars
+    line = line.rstrip()
+    return line[line.find("eta:"):][:150] if "eta:" in line else line[-150:]
 
 
 def prepare_data(datasets: str, args: argparse.Namespace) -> None:
@@ -35,9 +43,22 @@ def prepare_data(datasets: str, args: argparse.Namespace) -> None:
         return
     print(f"[demo] generating kd_shapes under {datasets} ...", flush=True)
     subprocess.run(
-        [sys.executable, "datasets/prepare_synthetic.py", "--root", datasets, "--name", "kd_shapes",
-         "--seed", "0", "--num-train", str(args.num_train), "--num-val", str(args.num_val)],
-        cwd=ROOT, check=True,
+        [
+            sys.executable,
+            "datasets/prepare_synthetic.py",
+            "--root",
+            datasets,
+            "--name",
+            "kd_shapes",
+            "--seed",
+            "0",
+            "--num-train",
+            str(args.num_train),
+            "--num-val",
+            str(args.num_val),
+        ],
+        cwd=ROOT,
+        check=True,
     )
 
 
@@ -49,26 +70,49 @@ def run(name: str, config: str, opts: List[str], args: argparse.Namespace) -> Di
     else:
         iters = args.teacher_iters if name == "teacher" else args.student_iters
         cmd = [
-            sys.executable, "train_net.py", "--config-file", os.path.join(CONFIGS, config),
-            "--resume", "OUTPUT_DIR", out_dir, "SOLVER.MAX_ITER", str(iters),
-            "SOLVER.STEPS", f"({int(iters * 0.75)},{int(iters * 0.92)})",
-            "SOLVER.CHECKPOINT_PERIOD", str(max(iters // 4, 1)),
-            "KD.TEACHER.WEIGHTS", os.path.join(args.output, "teacher", "model_final.pth"),
+            sys.executable,
+            "train_net.py",
+            "--config-file",
+            os.path.join(CONFIGS, config),
+            "--resume",
+            "OUTPUT_DIR",
+            out_dir,
+            "SOLVER.MAX_ITER",
+            str(iters),
+            "SOLVER.STEPS",
+            f"({int(iters * 0.75)},{int(iters * 0.92)})",
+            "SOLVER.CHECKPOINT_PERIOD",
+            str(max(iters // 4, 1)),
+            "SOLVER.WARMUP_ITERS",
+            str(min(100, iters // 5)),
+            "KD.TEACHER.WEIGHTS",
+            os.path.join(args.output, "teacher", "model_final.pth"),
             *opts,
         ]
-        print(f"[demo] {name}: training {iters} iterations -> {out_dir} (full log: "
-              f"{out_dir}/log.txt)", flush=True)
+        print(
+            f"[demo] {name}: training {iters} iterations -> {out_dir} (full log: "
+            f"{out_dir}/log.txt)",
+            flush=True,
+        )
         start = time.time()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         tail: List[str] = []
+        table_lines = 0
         for line in proc.stdout:
             tail = (tail + [line])[-40:]
-            if any(mark in line for mark in PROGRESS_MARKS) and "Warning" not in line:
-                print(f"  {line.rstrip()[-150:]}", flush=True)
+            if any(mark in line for mark in PROGRESS_MARKS):
+                table_lines = 4 if "Evaluation results" in line else 0
+                print(f"  {_shorten(line)}", flush=True)
+            elif table_lines:
+                table_lines -= 1
+                print(f"  {line.rstrip()}", flush=True)
         if proc.wait() != 0:
             sys.stdout.write("".join(tail))
-            raise SystemExit(f"[demo] {name} failed (exit {proc.returncode}); see {out_dir}/log.txt")
+            raise SystemExit(
+                f"[demo] {name} failed (exit {proc.returncode}); see {out_dir}/log.txt"
+            )
         print(f"[demo] {name}: done in {time.time() - start:.0f} s", flush=True)
     with open(results_file) as f:
         bbox = json.load(f)["bbox"]
@@ -78,9 +122,9 @@ def run(name: str, config: str, opts: List[str], args: argparse.Namespace) -> Di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=os.path.join("output", "demo"))
-    parser.add_argument("--teacher-iters", type=int, default=1500)
-    parser.add_argument("--student-iters", type=int, default=600)
-    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--teacher-iters", type=int, default=800)
+    parser.add_argument("--student-iters", type=int, default=500)
+    parser.add_argument("--num-train", type=int, default=1500)
     parser.add_argument("--num-val", type=int, default=300)
     args = parser.parse_args()
     os.chdir(ROOT)

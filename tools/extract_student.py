@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Write the student of a distillation checkpoint as a plain detectron2 checkpoint.
 
-    python tools/extract_student.py --config-file KD_CFG --input CKPT --output OUT.pth [KEY VALUE ...]
+    python tools/extract_student.py --config-file KD_CFG --input CKPT --output OUT.pth \
+        [KEY VALUE ...]
 
 KD_CFG is the config the run used, with the same KEY VALUE overrides; the run's own
 ``OUTPUT_DIR/config.yaml`` (everything merged) is the safest choice.
@@ -11,6 +12,7 @@ detectron2's builtin architectures) and evaluates to the same AP as the distille
 Next to it, OUT.yaml is the student's config (for a low-resolution student, with the smaller test
 size it was trained for).
 """
+
 import argparse
 import os
 import sys
@@ -27,9 +29,10 @@ from kd.config import add_kd_config  # noqa: E402
 
 def check_fits(student_cfg, weights: dict) -> None:
     """Refuse to write a student whose weights do not fit its config (wrong config or options)."""
-    import kd  # noqa: F401  (registers the architectures kd provides)
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
+
+    import kd  # noqa: F401  (registers the architectures kd provides)
 
     model = build_model(student_cfg)
     incompatible = DetectionCheckpointer(model)._load_model({"model": dict(weights)})

@@ -9,6 +9,7 @@ the missing extension would have provided.
 
 Run by ``make setup``; safe to run again (it does nothing when detectron2 is importable).
 """
+
 import argparse
 import re
 import subprocess
@@ -31,8 +32,17 @@ def pip(*args: str) -> None:
 
 def install_snapshot(workdir: Path) -> None:
     # --no-build-isolation: the sdist's setup.py imports torch to describe its extension.
-    pip("download", "-q", "--no-deps", "--no-build-isolation", "--no-binary", ":all:",
-        SNAPSHOT, "-d", str(workdir))
+    pip(
+        "download",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-binary",
+        ":all:",
+        SNAPSHOT,
+        "-d",
+        str(workdir),
+    )
     (archive,) = workdir.glob("pb1-detectron2-*.tar.gz")
     with tarfile.open(archive) as tar:
         tar.extractall(workdir, filter="data")

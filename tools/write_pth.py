@@ -6,6 +6,7 @@ The ``.pth`` file puts ``projects/`` on ``sys.path`` (so ``import kd`` works any
 its file path, registered as ``kd.compat``, so that starting Python does not import the ``kd``
 package (and with it torch).
 """
+
 import sys
 import sysconfig
 from pathlib import Path

@@ -1,8 +1,8 @@
 """Student export: a distiller's checkpoint reduced to the plain student detector."""
+
 from typing import Dict
 
 import torch
-
 from detectron2.config import CfgNode, get_cfg
 
 from kd.meta_arch.base import student_config
@@ -25,7 +25,9 @@ def student_state_dict(model_state: Dict[str, torch.Tensor]) -> Dict[str, torch.
     if not any(k.startswith(_STUDENT_PREFIX) for k in model_state):
         return dict(model_state)
     return {
-        k[len(_STUDENT_PREFIX):]: v for k, v in model_state.items() if k.startswith(_STUDENT_PREFIX)
+        k[len(_STUDENT_PREFIX) :]: v
+        for k, v in model_state.items()
+        if k.startswith(_STUDENT_PREFIX)
     }
 
 

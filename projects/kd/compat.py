@@ -20,6 +20,7 @@ compiled ``detectron2._C``. It covers what the pure-Python detectron2 v0.6 snaps
 This module imports only the standard library at import time: the ``.pth`` hook runs at every
 interpreter start and must stay cheap.
 """
+
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -194,7 +195,6 @@ def launch(
         args: arguments for ``main_func``.
     """
     import torch
-
     from detectron2.engine import launch as d2_launch
 
     if torch.cuda.is_available():
@@ -205,7 +205,6 @@ def launch(
         main_func(*args)
         return
     import torch.multiprocessing as mp
-
     from detectron2.engine.launch import _find_free_port
 
     if dist_url in (None, "auto"):
@@ -231,14 +230,14 @@ def _cpu_worker(
     args: tuple,
 ) -> None:
     import torch.distributed as dist
-
     from detectron2.utils import comm
 
     install_import_hook()
     global_rank = machine_rank * num_per_machine + local_rank
     try:
-        dist.init_process_group("gloo", init_method=dist_url, world_size=world_size,
-                                rank=global_rank)
+        dist.init_process_group(
+            "gloo", init_method=dist_url, world_size=world_size, rank=global_rank
+        )
     except Exception:
         logging.getLogger(__name__).error("Process group URL: %s", dist_url)
         raise

@@ -9,6 +9,7 @@
   into the *student* of a distiller, whose parameter names carry no ``student.`` prefix;
 * DDP without CUDA (gloo), and COCO evaluation that works without the compiled extension.
 """
+
 import itertools
 import logging
 import random
@@ -17,9 +18,6 @@ from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
@@ -29,11 +27,18 @@ from detectron2.engine.train_loop import TrainerBase
 from detectron2.solver import get_default_optimizer_params
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from kd import compat
 
-__all__ = ["Trainer", "ResumableTrainingSampler", "TrainingStateHook", "build_optimizer",
-           "load_pretrained"]
+__all__ = [
+    "Trainer",
+    "ResumableTrainingSampler",
+    "TrainingStateHook",
+    "build_optimizer",
+    "load_pretrained",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +131,9 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
                 group["lr"] = group.get("lr", cfg.SOLVER.BASE_LR) * cfg.SOLVER.BACKBONE_MULTIPLIER
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "SGD":
-        cls, kwargs = torch.optim.SGD, dict(momentum=cfg.SOLVER.MOMENTUM,
-                                            nesterov=cfg.SOLVER.NESTEROV)
+        cls, kwargs = torch.optim.SGD, dict(
+            momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV
+        )
     elif name == "ADAMW":
         cls, kwargs = torch.optim.AdamW, {}
     else:
@@ -191,8 +197,9 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR,
-                                                  trainer=weakref.proxy(self))
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

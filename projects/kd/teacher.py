@@ -4,18 +4,18 @@ Silent teacher loading is the failure KD toolkits are known for (a teacher whose
 load still "trains"). Everything here refuses to start, with a message that says what to fix,
 rather than distil from a random network.
 """
+
 import logging
 import os
 import types
 from typing import Optional
 
 import torch
-from torch import nn
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
+from torch import nn
 
 __all__ = ["TeacherError", "build_teacher", "load_teacher_config", "num_classes_of", "freeze"]
 
@@ -145,7 +145,8 @@ def _load_verified(model: nn.Module, path: str, what: str) -> None:
     problems = []
     if incompatible.incorrect_shapes:
         shapes = ", ".join(
-            f"{k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in incompatible.incorrect_shapes[:5]
+            f"{k}: file {tuple(a)} vs model {tuple(b)}"
+            for k, a, b in incompatible.incorrect_shapes[:5]
         )
         problems.append(f"shape mismatches ({shapes})")
     if incompatible.missing_keys:
@@ -202,6 +203,7 @@ def build_teacher(cfg: CfgNode, student_arch: str) -> "tuple[nn.Module, CfgNode]
         # the same seed gives the same student with or without distillation.
         teacher = build_model(teacher_cfg)
     _load_verified(teacher, cfg.KD.TEACHER.WEIGHTS, "teacher")
-    logger.info("Teacher %s loaded from %s", teacher_cfg.MODEL.META_ARCHITECTURE,
-                cfg.KD.TEACHER.WEIGHTS)
+    logger.info(
+        "Teacher %s loaded from %s", teacher_cfg.MODEL.META_ARCHITECTURE, cfg.KD.TEACHER.WEIGHTS
+    )
     return freeze(teacher), teacher_cfg

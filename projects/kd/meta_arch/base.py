@@ -1,14 +1,14 @@
 """The distiller base class: a trainable student and a frozen teacher, behind one ``forward``."""
+
 import copy
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.config import CfgNode
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList, Instances
+from torch import nn
 
 from kd.teacher import build_teacher
 
@@ -120,10 +120,17 @@ class Distiller(nn.Module):
             img = x["image"]
             h, w = img.shape[-2:]
             size = (max(1, round(h * s)), max(1, round(w * s)))
-            small = F.interpolate(img[None].float(), size=size, mode="bilinear",
-                                  align_corners=False)[0]
-            y = dict(x, image=small.to(img.dtype) if img.dtype.is_floating_point else
-                     small.round().clamp(0, 255).to(img.dtype))
+            small = F.interpolate(
+                img[None].float(), size=size, mode="bilinear", align_corners=False
+            )[0]
+            y = dict(
+                x,
+                image=(
+                    small.to(img.dtype)
+                    if img.dtype.is_floating_point
+                    else small.round().clamp(0, 255).to(img.dtype)
+                ),
+            )
             if "instances" in x:
                 y["instances"] = _rescale_instances(x["instances"], size, size[0] / h, size[1] / w)
             out.append(y)
