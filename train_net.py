@@ -22,7 +22,7 @@ import kd  # noqa: F401  (registers the distillers, the DETR family and the data
 from kd.compat import launch
 from kd.config import add_kd_config
 from kd.data import validate_datasets
-from kd.engine import Trainer
+from kd.engine import Trainer, load_pretrained
 
 logger = logging.getLogger("kd")
 
@@ -56,9 +56,11 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        if args.resume and checkpointer.has_checkpoint():
+            checkpointer.resume_or_load("", resume=True)
+        else:  # a distiller checkpoint, or a plain student's weights for a KD config
+            load_pretrained(model, cfg.MODEL.WEIGHTS)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -314,3 +314,14 @@ def test_student_initialised_from_plain_checkpoint_and_pkl(datasets_root, tiny_t
         got = model.student.state_dict()
         for k in keys:
             assert torch.equal(got[k], donor.state_dict()[k]), (path, k)
+    # A distiller's own checkpoint (student.* and adapters) goes into the distiller.
+    trained = build_model(cfg)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(2.0)
+    kd_ckpt = tmp_path / "kd.pth"
+    torch.save({"model": trained.state_dict()}, kd_ckpt)
+    fresh = build_model(cfg)
+    load_pretrained(fresh, str(kd_ckpt))
+    for k, v in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k

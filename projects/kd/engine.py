@@ -160,11 +160,12 @@ def _with_full_model_clipping(cls: type, max_norm: float, norm_type: float) -> t
 
 
 def load_pretrained(model: nn.Module, path: str) -> None:
-    """Load ``MODEL.WEIGHTS`` into the student of a distiller (or into a plain model).
+    """Load ``MODEL.WEIGHTS`` into a plain model, or into a distiller's student.
 
-    detectron2's name matching for ImageNet ``.pkl`` files and plain checkpoints expects the
-    student's own parameter names, which inside a distiller carry a ``student.`` prefix: loading
-    into the wrapper would silently miss every key.
+    A distiller's own checkpoint (keys ``student.*``, adapters) goes into the distiller. Anything
+    else -- a plain detectron2 checkpoint, an ImageNet or model-zoo ``.pkl`` -- holds the student's
+    own parameter names, which inside a distiller carry a ``student.`` prefix: it goes into the
+    student, since loading it into the wrapper would silently miss every key.
 
     Args:
         model: a plain detector or a distiller (possibly DDP-wrapped).
@@ -174,8 +175,15 @@ def load_pretrained(model: nn.Module, path: str) -> None:
         return
     if isinstance(model, DistributedDataParallel):
         model = model.module
-    target = getattr(model, "student", model)
-    DetectionCheckpointer(target).load(path)
+    checkpointer = DetectionCheckpointer(model)
+    checkpoint = checkpointer._load_file(checkpointer.path_manager.get_local_path(path))
+    state = checkpoint.get("model", {})
+    if hasattr(model, "student") and not any(k.startswith("student.") for k in state):
+        checkpointer = DetectionCheckpointer(model.student)
+    logger.info("Loading %s into %s", path, type(checkpointer.model).__name__)
+    incompatible = checkpointer._load_model(checkpoint)
+    if incompatible is not None:
+        checkpointer._log_incompatible_keys(incompatible)
 
 
 class Trainer(compat.TrainerStateMixin, DefaultTrainer):
