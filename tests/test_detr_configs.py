@@ -47,16 +47,7 @@ def test_kd_shapes_teacher_is_stronger_than_student():
     assert teacher.DETR.NUM_CLASSES == student.DETR.NUM_CLASSES
 
 
-def _train_net_ready():
-    import kd.data
-
-    return os.path.isfile(os.path.join(ROOT, "train_net.py")) and hasattr(
-        kd.data, "validate_datasets"
-    )
-
-
-@pytest.mark.skipif(not _train_net_ready(), reason="train_net.py / kd.data not in place yet")
-def test_train_net_trains_and_evaluates_the_student(tmp_path):
+def test_train_net_trains_evaluates_resumes_and_runs_two_processes(tmp_path):
     from kd.data.synthetic import generate_dataset
 
     generate_dataset(
@@ -116,3 +107,16 @@ def test_train_net_trains_and_evaluates_the_student(tmp_path):
         results = json.load(f)
     assert {"AP", "AP50", "AP75"} <= set(results["bbox"])
     assert os.path.isfile(out / "model_final.pth")
+    # --resume continues after the last checkpoint with a longer schedule.
+    proc = subprocess.run([*cmd[:4], "--resume", *tiny, "SOLVER.MAX_ITER", "4",
+                           "DATASETS.TEST", "()"],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting training from iteration 3" in proc.stdout + proc.stderr
+    # Two CPU processes (gloo): no unused-parameter error, training completes.
+    out2 = tmp_path / "ddp"
+    proc = subprocess.run([*cmd[:4], "--num-gpus", "2", *tiny, "OUTPUT_DIR", str(out2),
+                           "DATASETS.TEST", "()"],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(out2 / "model_final.pth")
