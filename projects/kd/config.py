@@ -4,6 +4,7 @@ A KD config is a student config (``MODEL.*`` describes the student) whose
 ``MODEL.META_ARCHITECTURE`` names a distiller; the student's own meta-architecture moves to
 ``KD.STUDENT.META_ARCHITECTURE`` and the teacher comes from its own config file and weights.
 """
+
 from detectron2.config import CfgNode as CN
 
 
@@ -16,6 +17,7 @@ def add_kd_config(cfg: CN) -> None:
     from kd.modeling.detr.config import add_detr_config
 
     add_detr_config(cfg)
+    _add_fcos_keys(cfg)
     _add_solver_keys(cfg)
     if "KD" in cfg:
         return
@@ -72,6 +74,8 @@ def add_kd_config(cfg: CN) -> None:
     # "l2" (the paper's main choice) or "l1".
     _c.HINT.NORM = "l2"
 
+    _add_gid_keys(cfg)
+
 
 def _add_solver_keys(cfg: CN) -> None:
     if "OPTIMIZER" not in cfg.SOLVER:
@@ -80,3 +84,105 @@ def _add_solver_keys(cfg: CN) -> None:
     if "BACKBONE_MULTIPLIER" not in cfg.SOLVER:
         # LR multiplier for parameters under "backbone." (DETR family trains it at 0.1x).
         cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+
+
+def _add_gid_keys(cfg: CN) -> None:
+    """``KD.GID.*``: General Instance Distillation (Dai et al., CVPR 2021; METHODS.md section 2).
+
+    Tags: [paper] the paper, [code] the authors' released code, [open] our choice.
+    """
+    # Losses named loss_kd_gid_{feature, relation, response_cls, response_reg}. A weight of 0
+    # switches its term off (no entry in the loss dict, and the teacher computes nothing for it).
+    _g = cfg.KD.GID = CN()
+
+    # ---- general instance selection (GISM), per image, every iteration, without gradients
+    # K: instances kept per image after NMS [paper]; the paper finds K = 10..100 flat.
+    _g.TOP_K = 10
+    # IoU threshold of the NMS over the GI boxes, ranked by GI score [paper].
+    _g.NMS_THRESH = 0.3
+    # "max_abs_diff": max_c |P_t - P_s| [paper]; "max_score_diff": |max_c P_t - max_c P_s|, the
+    # authors' reproduction [code].
+    _g.SCORE_MODE = "max_abs_diff"
+    # Candidates whose GI score is below this are dropped before NMS. [open]; 0 = all, as in the
+    # paper.
+    _g.SCORE_THRESH = 0.0
+    # Keep only this many best-scoring candidates per image before NMS, to bound NMS cost on
+    # COCO-sized dense heads. [open]; 0 = all candidates, as in the paper.
+    _g.PRE_NMS_TOPK = 0
+    # FCOS only: the dense score compared by GISM. "cls": sigmoid class probabilities [paper:
+    # "class scores"]; "cls_ctr": sqrt(sigmoid(cls) * sigmoid(centerness)), FCOS's own detection
+    # score at inference. [open]
+    _g.FCOS_SCORE = "cls"
+
+    # ---- feature distillation: ROIAlign of each GI box on its FPN level, 1x1 adapter, L2
+    # lambda_1 [code: 5e-3, or 5e-4]. The loss sums the squared error over C x h x w of each
+    # instance and averages over the instances of the batch.
+    _g.FEATURE_WEIGHT = 5e-3
+    # FPN features the GI boxes are pooled from (present in both models). Empty = the detector's
+    # own choice: the head's features (RetinaNet, FCOS) or the ROI heads' (Faster R-CNN). [open]
+    _g.IN_FEATURES = []
+    # Output size of the ROIAlign [code: 10].
+    _g.POOLER_RESOLUTION = 10
+    # detectron2 pooler type and sampling ratio (0 = adaptive). [open]
+    _g.POOLER_TYPE = "ROIAlignV2"
+    _g.POOLER_SAMPLING_RATIO = 0
+    # FPN level assignment, detectron2's rule (FPN paper eq. 1): a box of sqrt(area) =
+    # CANONICAL_BOX_SIZE goes to level CANONICAL_LEVEL, clamped to IN_FEATURES' levels. The
+    # defaults are detectron2's (224, 4); scale the size with the image size (kd_shapes: 56).
+    _g.CANONICAL_BOX_SIZE = 224
+    _g.CANONICAL_LEVEL = 4
+    # The 1x1 adapter student -> teacher channels, applied to the pooled instance features (it
+    # commutes with ROIAlign's bilinear averaging, so this equals adapting the whole maps at a
+    # fraction of the cost). "shared": one adapter for every level, trained by every instance;
+    # "per_level": one per FPN level. [open]
+    _g.ADAPTER = "shared"
+
+    # ---- relation distillation, per image, on the pooled features (teacher, adapted student)
+    # lambda_2 [code: 40].
+    _g.RELATION_WEIGHT = 40.0
+    # Images with fewer GIs are skipped [paper: 3].
+    _g.RELATION_MIN_INSTANCES = 3
+
+    # ---- response distillation: the detector's own label assignment applied to the GI boxes
+    # lambda_3 for the classification part: BCE of the student's logits against the teacher's
+    # sigmoid scores, normalised by the mask size [code: 0.1].
+    _g.RESPONSE_CLS_WEIGHT = 0.1
+    # lambda_3 for the regression part: L1 on the box deltas, normalised by the mask size
+    # [code: 0.1, or 1.0].
+    _g.RESPONSE_REG_WEIGHT = 0.1
+    # FCOS only: which locations a GI box masks. "inside": the location's centre lies inside the
+    # box [paper]; "fcos": FCOS's own assignment (centre sampling radius and scale ranges). [open]
+    _g.FCOS_ASSIGNMENT = "inside"
+    # FCOS only: also distil the centerness logit (BCE against the teacher's sigmoid), as one
+    # more column of the classification part. [open]
+    _g.FCOS_CENTERNESS = True
+
+
+def _add_fcos_keys(cfg: CN) -> None:
+    """``MODEL.FCOS.*``: detectron2's FCOS (:class:`kd.modeling.fcos.FCOS`) in a yacs config.
+
+    Defaults are detectron2's FCOS (its lazy config ``fcos_R_50_FPN_1x.py``).
+    """
+    if "FCOS" in cfg.MODEL:
+        return
+    _f = cfg.MODEL.FCOS = CN()
+    # Number of object classes (no background class: sigmoid focal loss).
+    _f.NUM_CLASSES = 80
+    # Backbone features the head runs on, from the highest resolution to the lowest.
+    _f.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Convolutions in each of the head's two towers.
+    _f.NUM_CONVS = 4
+    # Normalisation in the towers: "GN" (FCOS's), "BN" (per-level statistics), or "" (none).
+    _f.HEAD_NORM = "GN"
+    # Prior probability of the class logits at initialisation.
+    _f.PRIOR_PROB = 0.01
+    # Focal loss parameters.
+    _f.FOCAL_LOSS_ALPHA = 0.25
+    _f.FOCAL_LOSS_GAMMA = 2.0
+    # A location is positive only within this many strides of a ground-truth box's centre.
+    _f.CENTER_SAMPLING_RADIUS = 1.5
+    # Inference: score threshold (on sqrt(cls * centerness)), candidates per level before NMS,
+    # and the NMS IoU threshold. Detections per image: TEST.DETECTIONS_PER_IMAGE.
+    _f.TEST_SCORE_THRESH = 0.2
+    _f.TOPK_CANDIDATES_TEST = 1000
+    _f.NMS_THRESH_TEST = 0.6

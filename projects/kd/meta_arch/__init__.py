@@ -1,3 +1,9 @@
 """Distiller meta-architectures, registered in detectron2's ``META_ARCH_REGISTRY``."""
+
 from kd.meta_arch.base import Distiller, student_config  # noqa: F401
 from kd.meta_arch.chen2017 import Chen2017Distiller  # noqa: F401
+from kd.meta_arch.gid import (  # noqa: F401
+    GIDFasterRCNNDistiller,
+    GIDFCOSDistiller,
+    GIDRetinaNetDistiller,
+)

@@ -6,7 +6,7 @@ own losses use: the RPN's sampled anchors and the ROI head's sampled proposals. 
 asked about those same points: its RPN head at the same anchors, its box head (ROIAlign on its own
 features) at the student's sampled proposals.
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,30 @@ from kd.losses.chen2017 import (
 )
 from kd.meta_arch.base import Distiller, gt_instances_of
 
-__all__ = ["Chen2017Distiller", "HintAdapters"]
+__all__ = ["Chen2017Distiller", "Chen2017Steps", "HintAdapters", "RPNOutputs"]
 
 PREFIX = "loss_kd_chen2017_"
+
+
+class RPNOutputs(NamedTuple):
+    """The RPN's dense outputs in one training step, flattened per level as the RPN's own losses
+    take them (a subclass reads them to add its own anchor-wise terms)."""
+
+    anchors: List[Boxes]  # per level, shared by student and teacher
+    logits: List[torch.Tensor]  # student, per level (N, Hi*Wi*A)
+    deltas: List[torch.Tensor]  # student, per level (N, Hi*Wi*A, B)
+    t_logits: Optional[List[torch.Tensor]] = None  # teacher, when its RPN head was run
+    t_deltas: Optional[List[torch.Tensor]] = None
+
+
+class Chen2017Steps(NamedTuple):
+    """Intermediate results of :meth:`Chen2017Distiller._forward_steps`."""
+
+    images: ImageList  # the student's
+    gt_instances: Optional[List[Instances]]
+    features: Dict[str, torch.Tensor]  # the student's backbone outputs
+    t_features: Dict[str, torch.Tensor]  # the teacher's (no graph)
+    rpn: RPNOutputs
 
 
 class HintAdapters(nn.Module):
@@ -193,6 +214,20 @@ class Chen2017Distiller(Distiller):
 
     # ------------------------------------------------------------------ training
     def forward_train(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        return self._forward_steps(batched_inputs)[0]
+
+    def _forward_steps(
+        self, batched_inputs: List[dict], teacher_rpn: bool = False
+    ) -> Tuple[Dict[str, torch.Tensor], "Chen2017Steps"]:
+        """The training step, also returning its intermediate results for a subclass's terms.
+
+        Args:
+            batched_inputs: as :meth:`forward`.
+            teacher_rpn: run the teacher's RPN head even when no RPN term here needs it.
+
+        Returns:
+            (losses, steps): the loss dict and the step's intermediate results.
+        """
         student = self.student
         s_inputs = self.student_inputs(batched_inputs)
         images = student.preprocess_image(s_inputs)
@@ -205,15 +240,18 @@ class Chen2017Distiller(Distiller):
             t_features = self.teacher.backbone(self.teacher_images(batched_inputs).tensor)
 
         losses: Dict[str, torch.Tensor] = {}
-        proposals, rpn_losses = self._rpn(images, features, gt_instances, t_features, need_rpn)
+        proposals, rpn_losses, rpn_outputs = self._rpn(
+            images, features, gt_instances, t_features, need_rpn, teacher_rpn=teacher_rpn
+        )
         losses.update(rpn_losses)
         losses.update(self._rcn(features, proposals, gt_instances, t_features, need_rcn))
         if self.hint_features:
             losses[PREFIX + "hint"] = self.hint_weight * self._hint(features, t_features)
-        return losses
+        steps = Chen2017Steps(images, gt_instances, features, t_features, rpn_outputs)
+        return losses, steps
 
     def _rpn(self, images: ImageList, features, gt_instances: List[Instances], t_features,
-             distill: bool):
+             distill: bool, teacher_rpn: bool = False):
         rpn = self.student.proposal_generator
         feats = [features[f] for f in rpn.in_features]
         anchors = rpn.anchor_generator(feats)
@@ -222,14 +260,18 @@ class Chen2017Distiller(Distiller):
         losses = rpn.losses(anchors, logits, gt_labels, deltas, gt_boxes)
         with torch.no_grad():
             proposals = rpn.predict_proposals(anchors, logits, deltas, images.image_sizes)
-        if not distill:
-            return proposals, losses
+        outputs = RPNOutputs(anchors, logits, deltas)
+        if not (distill or teacher_rpn):
+            return proposals, losses, outputs
 
         t_rpn = self.teacher.proposal_generator
         with torch.no_grad():
             t_logits, t_deltas = _flatten_rpn_outputs(
                 t_rpn, *t_rpn.rpn_head([t_features[f] for f in t_rpn.in_features])
             )
+        outputs = RPNOutputs(anchors, logits, deltas, t_logits, t_deltas)
+        if not distill:
+            return proposals, losses, outputs
         gt_labels = torch.stack(gt_labels)  # (N, A) 1 = object, 0 = background, -1 = ignored
         normalizer = rpn.batch_size_per_image * gt_labels.shape[0]  # M, as in the RPN's own loss
         if self.rpn_soft_cls:
@@ -257,7 +299,7 @@ class Chen2017Distiller(Distiller):
                 self.bound_weight * rpn.loss_weight.get("loss_rpn_loc", 1.0)
                 * bound.sum() / normalizer
             )
-        return proposals, losses
+        return proposals, losses, outputs
 
     def _rcn(self, features, proposals: List[Instances], gt_instances: List[Instances],
              t_features, distill: bool) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,225 @@
+"""GID inside the detectors, on hand-built cases: which anchors / locations / FPN levels a GI box
+selects, instance selection on real dense outputs, and the construction-time checks.
+
+No dataset and no trained weights: tiny models are built from the kd_shapes configs (64 px).
+GISM and the pure losses are covered by tests/test_losses_gid.py.
+"""
+
+import pytest
+import torch
+from conftest import build_cfg
+
+# Narrow ResNet-18 FPN models on 64 px images (the teacher wider, so the adapter maps channels).
+TINY = [
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "64",
+]  # fmt: skip
+# One square anchor per location (sizes 8..128 on P3-P7): every IoU below is easy to verify.
+SQUARE_ANCHORS = [
+    "MODEL.ANCHOR_GENERATOR.SIZES", "[[8], [16], [32], [64], [128]]",
+    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0]]",
+]  # fmt: skip
+GID_56 = ["KD.GID.CANONICAL_BOX_SIZE", "56"]
+
+
+def _pair(family: str, *extra: str):
+    """A GID distiller built from parts (no checkpoint): tiny student (FPN 32), teacher (FPN 64)."""
+    from detectron2.modeling import build_model
+
+    from kd.meta_arch.gid import (
+        GeneralInstanceDistillation,
+        GIDFasterRCNNDistiller,
+        GIDFCOSDistiller,
+        GIDRetinaNetDistiller,
+    )
+    from kd.teacher import freeze
+
+    torch.manual_seed(0)
+    s_cfg = build_cfg(
+        f"configs/kd_shapes/{family}_student.yaml", [*TINY, "MODEL.FPN.OUT_CHANNELS", "32", *extra]
+    )
+    t_cfg = build_cfg(
+        f"configs/kd_shapes/{family}_teacher.yaml", [*TINY, "MODEL.FPN.OUT_CHANNELS", "64", *extra]
+    )
+    student, teacher = build_model(s_cfg), freeze(build_model(t_cfg))
+    if family == "faster_rcnn":
+        cls, in_features = GIDFasterRCNNDistiller, student.roi_heads.box_in_features
+        chen_off = dict(
+            rpn_soft_cls=False, rpn_bounded_reg=False, rcn_soft_cls=False, rcn_bounded_reg=False
+        )
+    else:
+        cls = GIDRetinaNetDistiller if family == "retinanet" else GIDFCOSDistiller
+        in_features, chen_off = student.head_in_features, {}
+    gid = GeneralInstanceDistillation(
+        s_cfg,
+        in_features=in_features,
+        student_shapes=student.backbone.output_shape(),
+        teacher_shapes=teacher.backbone.output_shape(),
+    )
+    return cls(
+        student=student,
+        teacher=teacher,
+        teacher_input_format="BGR",
+        student_input_format="BGR",
+        gid=gid,
+        **chen_off,
+    )
+
+
+def _anchors(model, size=64):
+    """The dense layout's anchors (or FCOS points) for a size x size input, per level."""
+    strides = model.anchor_generator.strides
+    feats = [torch.zeros(1, 1, max(1, -(-size // s)), max(1, -(-size // s))) for s in strides]
+    return model.anchor_generator(feats)
+
+
+def _boxes(*rows):
+    from detectron2.structures import Boxes
+
+    return Boxes(torch.tensor(rows, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------- response masks
+
+
+def test_retinanet_mask_uses_the_anchor_matcher():
+    distiller = _pair("retinanet", *SQUARE_ANCHORS, *GID_56)
+    anchors = _anchors(distiller.student, size=128)  # P3 16x16, P4 8x8, P5 4x4, P6 2x2, P7 1x1
+    # GI box 0 is the P4 anchor centred at (16, 16): IoU 1 with it, 0.25 or less with any other,
+    # so only that anchor passes (IoU >= 0.5). GI box 1 overlaps no anchor by 0.4 or more (best:
+    # the P4 anchor at (16, 16), IoU 144 / 368); the matcher's low-quality rule still makes that
+    # best anchor foreground. In image 1, the P5 anchor centred at (32, 32).
+    gi = [_boxes([8, 8, 24, 24], [4, 4, 20, 20]), _boxes([16, 16, 48, 48])]
+    mask = distiller.response_mask(anchors, gi, [(128, 128)] * 2)
+    p4_16_16 = 16 * 16 + (1 * 8 + 1)  # after all P3 anchors; row 1, column 1 of P4's 8x8 grid
+    p5_32_32 = 16 * 16 + 8 * 8 + (1 * 4 + 1)
+    assert mask.shape == (2, sum(len(a) for a in anchors))
+    assert torch.nonzero(mask[0]).flatten().tolist() == [p4_16_16]
+    assert torch.nonzero(mask[1]).flatten().tolist() == [p5_32_32]
+
+
+def test_fcos_mask_inside_and_fcos_rule():
+    distiller = _pair("fcos", *GID_56)
+    # FCOS's points sit at the cell centres, (k + 0.5) * stride: at 64 px, P3 is 8 x 8 points at
+    # 4, 12, ..., 60 and P4 4 x 4 points at 8, 24, 40, 56.
+    anchors = _anchors(distiller.student)
+    gi = [_boxes([2, 2, 46, 14])]  # centre (24, 8)
+    # "inside": every point strictly inside the box. P3: x in 4..44 (6 columns) on rows y = 4, 12;
+    # P4: x in 8, 24, 40 on row y = 8.
+    mask = distiller.response_mask(anchors, gi, [(64, 64)])
+    p3_inside = [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]
+    assert torch.nonzero(mask[0]).flatten().tolist() == p3_inside + [64, 65, 66]
+    # FCOS's own rule adds the centre sampling radius (1.5 strides = 12 px on P3: only x = 20,
+    # 28) and the scale range of each level (the P4 points are at most 38 px from the box's
+    # edges, below P4's range of 64-128 px).
+    distiller.assignment = "fcos"
+    mask = distiller.response_mask(anchors, gi + [_boxes()], [(64, 64)] * 2)
+    assert torch.nonzero(mask[0]).flatten().tolist() == [2, 3, 10, 11]
+    assert not mask[1].any()  # an image without GIs selects nothing
+
+
+def test_faster_rcnn_mask_uses_the_rpn_matcher_on_rpn_anchors():
+    distiller = _pair("faster_rcnn", *GID_56)
+    rpn = distiller.student.proposal_generator
+    strides = rpn.anchor_generator.strides
+    anchors = rpn.anchor_generator([torch.zeros(1, 1, 64 // s or 1, 64 // s or 1) for s in strides])
+    flat = torch.cat([a.tensor for a in anchors])
+    # The 16 x 16 square anchor of P3 (stride 8, anchors at multiples of it) centred at (16, 16):
+    # row 2, column 2, 3 ratios per location of which 1.0 is the middle one. Every other anchor
+    # has IoU < 0.7 with it (the same centre with ratio 0.5: 0.55).
+    gi = _boxes([8, 8, 24, 24])
+    expected = 16 * 16 * 3 + (2 * 8 + 2) * 3 + 1
+    mask = distiller.response_mask(anchors, [gi])
+    assert torch.nonzero(mask[0]).flatten().tolist() == [expected]
+    assert flat[expected].tolist() == [8, 8, 24, 24]
+
+
+# ---------------------------------------------------------------- feature level + selection
+
+
+def test_feature_level_assignment_and_pooling():
+    distiller = _pair("retinanet", *GID_56)
+    gid = distiller.gid
+    assert gid.in_features == ["p3", "p4", "p5", "p6", "p7"]
+    # detectron2's rule, canonical 56 px -> P4: floor(4 + log2(sqrt(area) / 56)), clamped.
+    sizes = [5, 28, 55, 56, 112, 300]
+    boxes = _boxes(*[[0, 0, s, s] for s in sizes])
+    assert gid.levels_of([boxes]).tolist() == [0, 0, 0, 1, 2, 3]
+    # ROIAlign reads the assigned level: give each level a constant value, its level index.
+    feats = {
+        f: torch.full((1, 32, 128 // s, 128 // s), float(i))
+        for i, (f, s) in enumerate(zip(gid.in_features, [8, 16, 32, 64, 128]))
+    }
+    pooled = gid.pooler([feats[f] for f in gid.in_features], [boxes])
+    assert pooled.shape == (len(sizes), 32, 10, 10)
+    assert pooled.amax(dim=(1, 2, 3)).tolist() == [0, 0, 0, 1, 2, 3]
+
+
+def test_per_level_adapters_each_get_gradients():
+    distiller = _pair("retinanet", *GID_56, "KD.GID.ADAPTER", "per_level")
+    gid = distiller.gid
+    assert len(gid.adapters) == 5
+    boxes = _boxes([0, 0, 20, 20], [0, 0, 60, 60], [0, 0, 120, 120])
+    s_feats = {
+        f: torch.randn(1, 32, 128 // s, 128 // s, requires_grad=True)
+        for f, s in zip(gid.in_features, [8, 16, 32, 64, 128])
+    }
+    t_feats = {
+        f: torch.randn(1, 64, 128 // s, 128 // s)
+        for f, s in zip(gid.in_features, [8, 16, 32, 64, 128])
+    }
+    losses = gid.feature_losses(s_feats, t_feats, [boxes])
+    assert set(losses) == {"loss_kd_gid_feature", "loss_kd_gid_relation"}
+    sum(losses.values()).backward()
+    used = gid.levels_of([boxes]).tolist()
+    assert used == [0, 1, 2]
+    for level, adapter in enumerate(gid.adapters):
+        has_grad = adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
+        assert has_grad == (level in used)
+
+
+def test_selection_clips_and_drops_boxes_outside_the_image():
+    distiller = _pair("retinanet", *GID_56)
+    t_probs = torch.tensor([[[0.9], [0.8], [0.1]]])
+    s_probs = torch.tensor([[[0.1], [0.1], [0.7]]])
+    # Prediction 0 is the best, but its (teacher's) box lies outside the 64 x 64 image.
+    t_boxes = torch.tensor([[[70.0, 70, 90, 90], [50, 50, 80, 80], [0, 0, 10, 10]]])
+    s_boxes = torch.tensor([[[0.0, 0, 5, 5], [0, 0, 5, 5], [0, 0, 30, 30]]])
+    (boxes,) = distiller.gid.select(t_probs, s_probs, t_boxes, s_boxes, [(64, 64)])
+    assert boxes.tensor.tolist() == [[50, 50, 64, 64], [0, 0, 30, 30]]
+
+
+# ---------------------------------------------------------------- construction checks
+
+
+def test_different_dense_layouts_are_refused():
+    from detectron2.modeling import build_model
+
+    from kd.meta_arch.gid import GIDRetinaNetDistiller
+    from kd.teacher import freeze
+
+    distiller = _pair("retinanet", *GID_56)
+    t_cfg = build_cfg(
+        "configs/kd_shapes/retinanet_teacher.yaml",
+        [*TINY, "MODEL.FPN.OUT_CHANNELS", "64", *SQUARE_ANCHORS],
+    )
+    with pytest.raises(ValueError, match="same dense layout"):
+        GIDRetinaNetDistiller(
+            student=distiller.student,
+            teacher=freeze(build_model(t_cfg)),
+            teacher_input_format="BGR",
+            student_input_format="BGR",
+            gid=distiller.gid,
+        )
+    with pytest.raises(ValueError, match="needs a RetinaNet teacher"):
+        GIDRetinaNetDistiller(
+            student=distiller.student,
+            teacher=_pair("fcos").teacher,
+            teacher_input_format="BGR",
+            student_input_format="BGR",
+            gid=distiller.gid,
+        )

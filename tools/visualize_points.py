@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Draw a distiller's distillation points on validation images, next to the ground truth.
+
+    python tools/visualize_points.py --config-file configs/kd_shapes/retinanet_kd_gid.yaml \\
+        --checkpoint output/kd_shapes/retinanet_kd_gid/model_final.pth --output vis/gid \\
+        [--num-images 8] [--dataset kd_shapes_val] [--scale 4] [KEY VALUE ...]
+
+The config is a distiller's (the teacher comes from its ``KD.TEACHER``); the checkpoint is a
+distiller checkpoint (``student.*`` keys) or a plain student checkpoint, or empty for the freshly
+initialised student. Each point box is coloured by its best IoU with the ground truth: positive
+(>= 0.5, green), near-positive (0.3-0.5, orange), background (< 0.3, red). One PNG per image goes
+to ``--output`` (ground truth on the left, one panel per set of points), with ``summary.json``
+counting the three kinds per set.
+
+Extending it: any distiller with a method ``distillation_points(batched_inputs)`` returning, per
+image, ``{name: Boxes}`` in the input image's coordinates (GID: ``"general instances"``) is drawn;
+for a model class that cannot have the method, register a function with :func:`register_points`.
+The student runs in eval mode (its BatchNorm running statistics), the teacher as always.
+"""
+
+import argparse
+import copy
+import json
+import os
+import sys
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects"))
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.data import DatasetMapper, get_detection_dataset_dicts  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.data.detection_utils import convert_image_to_rgb  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
+
+import kd  # noqa: E402,F401  (registers the distillers and datasets)
+from kd.config import add_kd_config  # noqa: E402
+
+__all__ = ["register_points", "points_of", "classify", "render", "main"]
+
+POSITIVE, NEAR = 0.5, 0.3
+COLOURS = {"positive": (0, 200, 0), "near": (255, 150, 0), "background": (230, 30, 30)}
+SHORT = {"positive": "pos", "near": "near", "background": "bg"}
+GT_COLOUR = (40, 120, 255)
+
+# Model class name -> function(model, batched_inputs) -> List[Dict[str, Boxes]].
+_POINT_FUNCTIONS: Dict[str, Callable] = {}
+
+
+def register_points(class_name: str):
+    """Register ``fn(model, batched_inputs) -> List[Dict[str, Boxes]]`` for a model class."""
+
+    def deco(fn: Callable) -> Callable:
+        _POINT_FUNCTIONS[class_name] = fn
+        return fn
+
+    return deco
+
+
+def points_of(model: torch.nn.Module, batched_inputs: List[dict]) -> List[Dict[str, Boxes]]:
+    """The named point sets of each image, from the model's method or a registered function."""
+    fn = _POINT_FUNCTIONS.get(type(model).__name__)
+    if fn is not None:
+        return fn(model, batched_inputs)
+    if hasattr(model, "distillation_points"):
+        return model.distillation_points(batched_inputs)
+    raise SystemExit(
+        f"{type(model).__name__} exposes no distillation points: give it a "
+        "distillation_points(batched_inputs) method or register a function with register_points"
+    )
+
+
+def classify(points: Boxes, gt: Boxes) -> List[str]:
+    """'positive' / 'near' / 'background' for each point box, by its best IoU with ``gt``."""
+    if len(points) == 0:
+        return []
+    if len(gt) == 0:
+        return ["background"] * len(points)
+    best = pairwise_iou(points, gt).max(dim=1).values
+    return [
+        "positive" if v >= POSITIVE else "near" if v >= NEAR else "background"
+        for v in best.tolist()
+    ]
+
+
+def _panel(
+    image: np.ndarray, boxes: np.ndarray, colours: List[tuple], title: str, scale: int
+) -> Image.Image:
+    h, w = image.shape[:2]
+    canvas = Image.new("RGB", (w * scale, h * scale + 14), (255, 255, 255))
+    canvas.paste(Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST), (0, 14))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), title, fill=(0, 0, 0))
+    for (x0, y0, x1, y1), colour in zip(boxes.tolist(), colours):
+        draw.rectangle(
+            [x0 * scale, y0 * scale + 14, x1 * scale, y1 * scale + 14], outline=colour, width=2
+        )
+    return canvas
+
+
+def render(image: np.ndarray, gt: Boxes, point_sets: Dict[str, Boxes], scale: int = 4):
+    """The ground truth and each point set side by side.
+
+    Args:
+        image: (H, W, 3) uint8 RGB, the model's input image.
+        gt: ground-truth boxes in the same coordinates.
+        point_sets: name -> point boxes.
+        scale: upsampling factor of the drawing.
+
+    Returns:
+        (PIL image, {name: {"positive": n, "near": n, "background": n}}).
+    """
+    panels = [
+        _panel(
+            image,
+            gt.tensor.cpu().numpy(),
+            [GT_COLOUR] * len(gt),
+            f"ground truth ({len(gt)})",
+            scale,
+        )
+    ]
+    counts = {}
+    for name, boxes in point_sets.items():
+        boxes = boxes.to("cpu")
+        kinds = classify(boxes, gt.to("cpu"))
+        counts[name] = {k: kinds.count(k) for k in COLOURS}
+        title = f"{name}: " + " / ".join(f"{counts[name][k]} {SHORT[k]}" for k in COLOURS)
+        panels.append(
+            _panel(image, boxes.tensor.numpy(), [COLOURS[k] for k in kinds], title, scale)
+        )
+    out = Image.new(
+        "RGB",
+        (sum(p.width for p in panels) + 4 * (len(panels) - 1), max(p.height for p in panels)),
+        (255, 255, 255),
+    )
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 0))
+        x += p.width + 4
+    return out, counts
+
+
+def setup(args) -> CfgNode:
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    return cfg
+
+
+def load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """A distiller checkpoint into the distiller, a plain student checkpoint into its student."""
+    if not path:
+        return
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    distiller_ckpt = any(k.startswith("student.") for k in state)
+    target = model if distiller_ckpt or not hasattr(model, "student") else model.student
+    DetectionCheckpointer(target).load(path)
+
+
+def main(argv=None) -> Dict[str, Dict[str, int]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, help="a distiller's config")
+    parser.add_argument("--checkpoint", default="", help="distiller or student weights")
+    parser.add_argument("--output", required=True, help="folder for the PNGs")
+    parser.add_argument("--num-images", type=int, default=8)
+    parser.add_argument("--dataset", default="", help="default: the config's first test set")
+    parser.add_argument("--scale", type=int, default=4, help="drawing upsampling factor")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+
+    cfg = setup(args)
+    model = build_model(cfg)
+    load_checkpoint(model, args.checkpoint)
+    model.eval()
+
+    dataset = args.dataset or cfg.DATASETS.TEST[0]
+    dicts = get_detection_dataset_dicts([dataset], filter_empty=False)[: args.num_images]
+    # The test-time resize, but keeping the annotations (is_train=True without random flips).
+    mapper = DatasetMapper(
+        cfg,
+        is_train=True,
+        augmentations=[
+            T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
+        ],
+    )
+    os.makedirs(args.output, exist_ok=True)
+    totals: Dict[str, Dict[str, int]] = {}
+    for d in dicts:
+        x = mapper(copy.deepcopy(d))
+        with torch.no_grad():
+            point_sets = points_of(model, [x])[0]
+        image = convert_image_to_rgb(x["image"].permute(1, 2, 0).numpy(), cfg.INPUT.FORMAT)
+        picture, counts = render(
+            image.astype(np.uint8), x["instances"].gt_boxes, point_sets, args.scale
+        )
+        name = os.path.splitext(os.path.basename(d["file_name"]))[0]
+        picture.save(os.path.join(args.output, f"{name}.png"))
+        for set_name, c in counts.items():
+            t = totals.setdefault(set_name, dict.fromkeys(COLOURS, 0))
+            for k, v in c.items():
+                t[k] += v
+    with open(os.path.join(args.output, "summary.json"), "w") as f:
+        json.dump({"images": len(dicts), "points": totals}, f, indent=1)
+    print(json.dumps({"images": len(dicts), "points": totals}))
+    return totals
+
+
+if __name__ == "__main__":
+    main()
