@@ -75,6 +75,7 @@ def add_kd_config(cfg: CN) -> None:
     _c.HINT.NORM = "l2"
 
     _add_gid_keys(cfg)
+    _add_kd_detr_keys(cfg)
 
 
 def _add_solver_keys(cfg: CN) -> None:
@@ -158,6 +159,54 @@ def _add_gid_keys(cfg: CN) -> None:
     _g.FCOS_CENTERNESS = True
 
 
+def _add_kd_detr_keys(cfg: CN) -> None:
+    """``KD.KD_DETR.*``: KD-DETR (Wang et al., CVPR 2024; METHODS.md section 3).
+
+    Tags: [paper] the paper, [code] the authors' released code, [open] our choice.
+    """
+    # Losses named loss_kd_kd_detr_{cls, l1, giou}: each summed over the point sets and the
+    # distilled student layers.
+    _k = cfg.KD.KD_DETR = CN()
+
+    # ---- general sampling: random boxes, redrawn every iteration, the same for both models
+    # M_g, random boxes per image [code: 300, which beats 10 and 900 in the paper]. 0 switches
+    # general sampling off (ablation "specific only").
+    _k.NUM_GENERAL_POINTS = 300
+    # How each (cx, cy, w, h) is drawn: "uniform" in (0, 1) [paper] or "sigmoid_normal", the
+    # sigmoid of a standard normal [code]. Drawn per image from the global torch RNG, which the
+    # trainer checkpoints, so a resumed run draws the same points.
+    _k.GENERAL_DISTRIBUTION = "uniform"
+
+    # ---- specific sampling: the teacher's own query anchors (learned anchors, or for two-stage
+    # teachers its per-image selected encoder proposals [open])
+    # False switches specific sampling off (ablation "general only").
+    _k.SPECIFIC_POINTS = True
+    # Content query the teacher decodes its anchors with (the student always uses zeros, since
+    # its own content queries do not correspond to the teacher's). "zero": both models answer
+    # the identical query, as in the paper's DAB-DETR, whose content queries are zeros [paper];
+    # "learned": the teacher's own learned content, i.e. its detection answers. [open]
+    _k.SPECIFIC_TEACHER_CONTENT = "zero"
+
+    # ---- the loss at every point: w_i [cls * KL(c_t || c_s) + l1 * L1 + giou * (1 - GIoU)]
+    # w_i = the teacher's top sigmoid class probability at the point [paper]; False: w_i = 1
+    # (ablation "without foreground weight").
+    _k.FOREGROUND_WEIGHT = True
+    # T of the KL (softmax of both models' logits at T, times T^2) [code: 10].
+    _k.TEMPERATURE = 10.0
+    # lambda_cls, lambda_L1, lambda_GIoU [code: 1, 5, 2].
+    _k.CLS_WEIGHT = 1.0
+    _k.L1_WEIGHT = 5.0
+    _k.GIOU_WEIGHT = 2.0
+    # Divisor of each point set's sum: "num_queries" (B * M, each set a mean over its points)
+    # or "weight_sum" (sum of w_i, a weighted mean, as the authors' box terms). [open]
+    _k.NORMALIZE = "num_queries"
+    # Student decoder layers distilled, as indices (negative from the end); each is compared
+    # with the teacher's TEACHER_LAYER. Empty: every student layer [code].
+    _k.STUDENT_LAYERS = []
+    # The teacher decoder layer whose answers are the targets [code: the final one, -1].
+    _k.TEACHER_LAYER = -1
+
+
 def _add_fcos_keys(cfg: CN) -> None:
     """``MODEL.FCOS.*``: detectron2's FCOS (:class:`kd.modeling.fcos.FCOS`) in a yacs config.
 
@@ -176,6 +225,11 @@ def _add_fcos_keys(cfg: CN) -> None:
     _f.HEAD_NORM = "GN"
     # Prior probability of the class logits at initialisation.
     _f.PRIOR_PROB = 0.01
+    # Initial bias of the box regression outputs (distances to the box edges, in strides).
+    # detectron2 starts at 0; its Box2BoxTransformLinear clamps the deltas with a ReLU, so a head
+    # that overshoots below 0 early gets no regression gradient again (seen when training from
+    # scratch). A positive start (e.g. 1.0) keeps it away from that edge.
+    _f.BBOX_REG_BIAS_INIT = 0.0
     # Focal loss parameters.
     _f.FOCAL_LOSS_ALPHA = 0.25
     _f.FOCAL_LOSS_GAMMA = 2.0

@@ -51,6 +51,7 @@ class FCOS(_D2FCOS):
             norm=_group_norm if c.HEAD_NORM == "GN" else c.HEAD_NORM,
             prior_prob=c.PRIOR_PROB,
         )
+        nn.init.constant_(head.bbox_pred.bias, c.BBOX_REG_BIAS_INIT)
         return {
             "backbone": backbone,
             "head": head,
