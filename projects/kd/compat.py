@@ -113,6 +113,7 @@ def has_compiled_ops() -> bool:
 def apply_runtime_fixes() -> None:
     """Fix detectron2 v0.6 behaviours that break on current Python. Idempotent, feature-detected."""
     install_import_hook()
+    _fix_retinanet_head_group_norm()
     from detectron2.data import common
 
     map_dataset = common.MapDataset
@@ -131,6 +132,36 @@ def apply_runtime_fixes() -> None:
 
         map_dataset.__getitem__ = __getitem__
     map_dataset._kd_fixed = True
+
+
+def group_norm(channels: int) -> "torch.nn.GroupNorm":  # noqa: F821 (torch imported lazily)
+    """detectron2's ``"GN"`` (32 groups) as a callable that also accepts fewer than 32 channels.
+
+    detectron2 v0.6's ``RetinaNetHead`` and ``FCOSHead`` probe their norm with ``get_norm(norm,
+    1)``, which fails for ``GroupNorm(32, 1)``; this callable builds the same module (same
+    parameters, so checkpoints match) for every real width.
+    """
+    from torch import nn  # not at module level: the .pth loads this file before torch is wanted
+
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+def _fix_retinanet_head_group_norm() -> None:
+    """Make ``MODEL.RETINANET.NORM "GN"`` work: v0.6 raises in the ``get_norm(norm, 1)`` probe."""
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    if getattr(RetinaNetHead, "_kd_fixed", False):
+        return
+    original = RetinaNetHead.from_config.__func__
+
+    def from_config(cls, cfg, input_shape):
+        kwargs = original(cls, cfg, input_shape)
+        if kwargs.get("norm") == "GN":
+            kwargs["norm"] = group_norm
+        return kwargs
+
+    RetinaNetHead.from_config = classmethod(from_config)
+    RetinaNetHead._kd_fixed = True
 
 
 class _SampleableSet(set):

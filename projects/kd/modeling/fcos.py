@@ -11,6 +11,8 @@ from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS
 from detectron2.modeling.meta_arch.fcos import FCOSHead
 from torch import nn
 
+from kd.compat import group_norm
+
 __all__ = ["FCOS"]
 
 
@@ -48,7 +50,7 @@ class FCOS(_D2FCOS):
             input_shape=feature_shapes,
             num_classes=c.NUM_CLASSES,
             conv_dims=[feature_shapes[0].channels] * c.NUM_CONVS,
-            norm=_group_norm if c.HEAD_NORM == "GN" else c.HEAD_NORM,
+            norm=group_norm if c.HEAD_NORM == "GN" else c.HEAD_NORM,
             prior_prob=c.PRIOR_PROB,
         )
         nn.init.constant_(head.bbox_pred.bias, c.BBOX_REG_BIAS_INIT)
@@ -69,12 +71,6 @@ class FCOS(_D2FCOS):
             "input_format": cfg.INPUT.FORMAT,
             "vis_period": cfg.VIS_PERIOD,
         }
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    # detectron2's "GN" (32 groups), as a callable: v0.6's RetinaNetHead probes the norm with
-    # get_norm(norm, 1), which fails for GroupNorm(32, 1). Same parameters, so checkpoints match.
-    return nn.GroupNorm(min(32, channels), channels)
 
 
 # A newer detectron2 (or another package) may register its own "FCOS": keep that one.

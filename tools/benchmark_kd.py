@@ -1,0 +1,315 @@
+#!/usr/bin/env python
+"""What distillation costs per training iteration, measured in one process on the same batches.
+
+    python tools/benchmark_kd.py [--configs A.yaml B.yaml ...] [--iters 10] [--repeats 3]
+        [--device cpu|cuda] [--amp] [--json OUT.json] [KEY VALUE ...]
+
+For each distiller config it times, on identical batches:
+
+* ``student``: a training iteration of the student alone (forward, backward, optimizer step);
+* ``teacher``: the teacher's forward pass alone, in eval mode under ``torch.no_grad``;
+* ``points``: for methods whose distillation points need extra decoding (KD-DETR's query groups,
+  DETR / R-CNN probes), that decoding done by both models without any loss, when the distiller
+  offers it as ``benchmark_point_decoding(batched_inputs)``;
+* ``kd``: a training iteration of the distiller (student + teacher + distillation losses).
+
+and prints ``overhead = t_kd / (t_student + t_teacher + t_points)``: what the distillation
+machinery itself adds beyond the work it cannot avoid. The three phases are interleaved over
+``--repeats`` rounds and each reported time is the median per-iteration time, so a slow phase of
+the machine hits all of them alike. On CPU the ratios are the figures to read; absolute times
+depend on the machine and its load. Memory: on CUDA the peak allocated memory of each phase; on
+CPU the growth of the process's resident memory (sampled every millisecond) during the student's
+first iteration, and during the distiller's first iteration after it: what KD needs beyond the
+student alone (the allocator keeps freed memory, so later phases cannot be told apart).
+
+Teacher weights: when ``KD.TEACHER.WEIGHTS`` does not exist, a randomly initialised teacher is
+saved to a temporary file and used; timing does not depend on what the weights are.
+Run with ``OMP_NUM_THREADS`` set to the cores the process may use, and nothing else running.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import nullcontext
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DEFAULT_CONFIGS = [
+    "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml",
+    "configs/kd_shapes/faster_rcnn_kd_gid.yaml",
+    "configs/kd_shapes/retinanet_kd_gid.yaml",
+    "configs/kd_shapes/fcos_kd_gid.yaml",
+    "configs/kd_shapes/detr_kd_detr.yaml",
+    "configs/kd_shapes/hetero_detr_to_faster_rcnn.yaml",
+    "configs/kd_shapes/hetero_faster_rcnn_to_detr.yaml",
+]
+
+
+def load_config(path: str, opts: List[str], device: str):
+    """The distiller's config with ``opts`` and the device applied."""
+    from detectron2.config import get_cfg
+
+    from kd.config import add_kd_config
+
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(opts)
+    cfg.MODEL.DEVICE = device
+    return cfg
+
+
+def ensure_teacher_weights(cfg, tmpdir: str) -> Optional[str]:
+    """Point ``KD.TEACHER.WEIGHTS`` at a random teacher when the configured file is missing.
+
+    Returns:
+        The path written, or None when the configured weights exist.
+    """
+    from detectron2.modeling import build_model
+
+    from kd.teacher import load_teacher_config
+
+    if os.path.isfile(cfg.KD.TEACHER.WEIGHTS):
+        return None
+    tcfg = load_teacher_config(cfg).clone()
+    tcfg.defrost()
+    tcfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    path = os.path.join(tmpdir, f"random_teacher_{abs(hash(cfg.KD.TEACHER.CONFIG_FILE))}.pth")
+    torch.save({"model": build_model(tcfg).state_dict()}, path)
+    cfg.KD.TEACHER.WEIGHTS = path
+    return path
+
+
+def fixed_batches(cfg, count: int) -> List[List[dict]]:
+    """``count`` training batches, drawn once and reused for every phase and every model."""
+    from kd.engine import Trainer
+
+    loader = iter(Trainer.build_train_loader(cfg))
+    return [next(loader) for _ in range(count)]
+
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA allocator peak, or sampled RSS growth on CPU (bytes)."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = self._rss()
+            self._high = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._high = max(self._high, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._high, self._rss()) - self._base
+
+
+def timed(
+    fn: Callable[[List[dict]], None], batches, device: str, memory: Dict[str, int], name: str
+) -> float:
+    """Seconds per batch of ``fn`` over ``batches``; records the phase's peak memory."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    with PeakMemory(device) as mem:
+        sync()
+        start = time.perf_counter()
+        for batch in batches:
+            fn(batch)
+        sync()
+        elapsed = time.perf_counter() - start
+    memory[name] = max(memory.get(name, 0), mem.peak)
+    return elapsed / len(batches)
+
+
+def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
+    """The figures of one distiller config (see the module docstring)."""
+    from detectron2.modeling import build_model
+
+    from kd.engine import build_optimizer
+
+    cfg = load_config(path, args.opts, args.device)
+    random_teacher = ensure_teacher_weights(cfg, tmpdir)
+    torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
+    distiller = build_model(cfg)
+    distiller.train()
+    student = distiller.student
+    # Separate optimizers, so the distiller's adapters do not change what "student alone" does.
+    student_opt = build_optimizer(cfg, student)
+    kd_opt = build_optimizer(cfg, distiller)
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+
+    def amp():
+        return torch.autocast(device_type) if args.amp else nullcontext()
+
+    scaler = torch.amp.GradScaler(device_type, enabled=args.amp and device_type == "cuda")
+    batches = fixed_batches(cfg, args.iters)
+
+    def train_step(model, optimizer, inputs):
+        with amp():
+            losses = model(inputs)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def student_step(batch):
+        train_step(student, student_opt, distiller.student_inputs(batch))
+
+    def teacher_forward(batch):
+        # The teacher as a user runs it: its full inference forward, eval mode, no gradients.
+        with torch.no_grad(), amp():
+            distiller.teacher(distiller.teacher_inputs(batch))
+
+    def kd_step(batch):
+        train_step(distiller, kd_opt, batch)
+
+    point_decoding = getattr(distiller, "benchmark_point_decoding", None)
+
+    def points(batch):
+        with torch.no_grad(), amp():
+            point_decoding(batch)
+
+    phases = {"student": student_step, "teacher": teacher_forward, "kd": kd_step}
+    if point_decoding is not None:
+        phases["points"] = points
+
+    # Warm-up (allocator, MKL-DNN kernels, lazy buffers), student first and KD second: on CPU the
+    # allocator keeps what a phase freed, so the KD phase's growth is what it needs *beyond* the
+    # student alone; on CUDA every phase's peak is measured on its own.
+    memory: Dict[str, int] = {}
+    for name in sorted(phases, key=["student", "kd", "teacher", "points"].index):
+        timed(phases[name], batches[:1], args.device, memory, name)
+    times: Dict[str, List[float]] = {name: [] for name in phases}
+    for _ in range(args.repeats):
+        for name, fn in phases.items():
+            times[name].append(timed(fn, batches, args.device, memory, name))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    floor = med["student"] + med["teacher"] + med.get("points", 0.0)
+    return {
+        "config": os.path.relpath(path, ROOT),
+        "method": cfg.MODEL.META_ARCHITECTURE,
+        "random_teacher": random_teacher is not None,
+        "seconds": med,
+        "peak_memory_mb": {k: v / 2**20 for k, v in memory.items()},
+        "floor": floor,
+        "overhead": med["kd"] / floor,
+    }
+
+
+def format_table(rows: List[Dict[str, object]], device: str) -> str:
+    head = (
+        "| config | student (ms) | teacher fwd (ms) | points (ms) | KD step (ms) | overhead "
+        "| memory student / KD (MB) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    lines = [head]
+    for r in rows:
+        s = r["seconds"]
+        m = r["peak_memory_mb"]
+        pts = f"{1000 * s['points']:.0f}" if "points" in s else "-"
+        lines.append(
+            f"| {os.path.basename(r['config'])} | {1000 * s['student']:.0f} | "
+            f"{1000 * s['teacher']:.0f} | {pts} | {1000 * s['kd']:.0f} | "
+            f"**{r['overhead']:.3f}** | {m['student']:.0f} / {m['kd']:.0f} |"
+        )
+    mem = (
+        "CUDA peak allocated per phase"
+        if device.startswith("cuda")
+        else "resident memory growth (sampled): student alone, then what KD adds beyond it"
+    )
+    lines.append(f"\noverhead = KD step / (student + teacher fwd + points); memory: {mem}.")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        help="distiller configs (default: every kd_shapes method that exists)",
+    )
+    parser.add_argument("--iters", type=int, default=8, help="batches per timed phase")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per phase")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="autocast (and a GradScaler on CUDA)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
+    sys.path.insert(0, os.path.join(ROOT, "projects"))
+    from detectron2.utils.events import EventStorage
+
+    import kd  # noqa: F401  (registers the distillers and the datasets)
+    from kd.data import validate_datasets
+
+    configs = args.configs or [c for c in DEFAULT_CONFIGS if os.path.isfile(c)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for path in configs:
+            cfg = load_config(path, args.opts, args.device)
+            validate_datasets(list(cfg.DATASETS.TRAIN))
+            print(f"[benchmark_kd] {path} ...", flush=True)
+            with EventStorage(0):  # detectron2's losses log into it
+                row = benchmark_config(path, args, tmpdir)
+            print(
+                f"[benchmark_kd] {path}: overhead {row['overhead']:.3f} "
+                f"({json.dumps({k: round(v, 4) for k, v in row['seconds'].items()})})",
+                flush=True,
+            )
+            rows.append(row)
+    print()
+    print(
+        f"device: {args.device}, torch threads: {torch.get_num_threads()}, "
+        f"{args.iters} batches x {args.repeats} rounds, AMP: {args.amp}"
+    )
+    print(format_table(rows, args.device))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "device": args.device,
+                    "threads": torch.get_num_threads(),
+                    "amp": args.amp,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
