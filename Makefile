@@ -27,6 +27,10 @@ test: setup
 demo: setup
 	$(PY) tools/demo.py
 
+# Every method against its baseline over 3 seeds (hours on a CPU; resumable).
+benchmark: setup
+	$(PY) tools/benchmark_table.py $(BENCHMARK_ARGS)
+
 lint: setup
 	$(PY) -m flake8 projects tools tests train_net.py datasets
 	$(PY) -m isort --check-only projects tools tests train_net.py datasets

@@ -1,0 +1,117 @@
+"""Runs of ``train_net.py`` for the demo and the benchmarks: one schedule rule, skip and resume.
+
+Every run goes through ``train_net.py`` in a subprocess (what the figures show is what users
+run) and evaluates with COCOEvaluator; a run whose ``eval_results.json`` exists is not repeated
+and an interrupted one resumes from its last checkpoint, so an interrupted demo or benchmark can
+simply be started again.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Sequence
+
+__all__ = ["ROOT", "schedule_opts", "prepare_kd_shapes", "read_results", "train_and_evaluate"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Which lines of train_net.py's output to show: iteration progress and the final AP table.
+_PROGRESS_MARKS = ("eta:", "Evaluation results for bbox", "error:")
+
+
+def schedule_opts(iters: int) -> List[str]:
+    """``KEY VALUE`` overrides for a run of ``iters`` iterations.
+
+    LR steps at 75% and 92%, warmup of a fifth (at most 100 iterations), a checkpoint every
+    quarter (what an interrupted run resumes from).
+    """
+    return [
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.STEPS",
+        f"({int(iters * 0.75)},{int(iters * 0.92)})",
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(max(iters // 4, 1)),
+        "SOLVER.WARMUP_ITERS",
+        str(min(100, iters // 5)),
+    ]
+
+
+def prepare_kd_shapes(datasets: str, num_train: int, num_val: int, seed: int = 0) -> None:
+    """Generate kd_shapes under ``datasets`` unless it is there."""
+    if os.path.isfile(os.path.join(datasets, "kd_shapes", "annotations", "instances_val.json")):
+        print(f"[kd] kd_shapes found under {datasets}")
+        return
+    print(f"[kd] generating kd_shapes under {datasets} ...", flush=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "datasets/prepare_synthetic.py",
+            "--root",
+            datasets,
+            "--name",
+            "kd_shapes",
+            "--seed",
+            str(seed),
+            "--num-train",
+            str(num_train),
+            "--num-val",
+            str(num_val),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
+
+
+def read_results(out_dir: str) -> Dict[str, float]:
+    """AP, AP50, AP75 of a finished run (its ``eval_results.json``)."""
+    with open(os.path.join(out_dir, "eval_results.json")) as f:
+        bbox = json.load(f)["bbox"]
+    return {k: round(float(bbox[k]), 2) for k in ("AP", "AP50", "AP75")}
+
+
+def _shorten(line: str) -> str:
+    # "[time d2.utils.events]:  eta: ... iter: N  total_loss: ..." -> from "eta:" on, 150 chars
+    line = line.rstrip()
+    return line[line.find("eta:") :][:150] if "eta:" in line else line[-150:]
+
+
+def train_and_evaluate(
+    name: str, config: str, out_dir: str, iters: int, opts: Sequence[str] = ()
+) -> Dict[str, float]:
+    """Train ``config`` for ``iters`` iterations into ``out_dir`` and return its AP figures.
+
+    Args:
+        name: what the progress lines call the run.
+        config: config file, relative to the repository root.
+        out_dir: the run's OUTPUT_DIR.
+        iters: iterations (the schedule follows :func:`schedule_opts`).
+        opts: more ``KEY VALUE`` overrides (teacher weights, seed, method switches).
+    """
+    if os.path.isfile(os.path.join(out_dir, "eval_results.json")):
+        print(f"[kd] {name}: already done ({out_dir})", flush=True)
+        return read_results(out_dir)
+    cmd = [sys.executable, "train_net.py", "--config-file", config, "--resume"]
+    cmd += ["OUTPUT_DIR", out_dir, *schedule_opts(iters), *opts]
+    print(f"[kd] {name}: training {iters} iterations -> {out_dir} (log: {out_dir}/log.txt)")
+    start = time.time()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    tail: List[str] = []
+    table_lines = 0
+    for line in proc.stdout:
+        tail = (tail + [line])[-40:]
+        if any(mark in line for mark in _PROGRESS_MARKS):
+            table_lines = 4 if "Evaluation results" in line else 0
+            print(f"  {_shorten(line)}", flush=True)
+        elif table_lines:
+            table_lines -= 1
+            print(f"  {line.rstrip()}", flush=True)
+    if proc.wait() != 0:
+        sys.stdout.write("".join(tail))
+        raise SystemExit(f"[kd] {name} failed (exit {proc.returncode}); see {out_dir}/log.txt")
+    print(f"[kd] {name}: done in {time.time() - start:.0f} s", flush=True)
+    return read_results(out_dir)

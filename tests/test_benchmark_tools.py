@@ -1,0 +1,92 @@
+"""tools/benchmark_table.py (aggregation, skip/resume plan, report) and tools/benchmark_kd.py."""
+
+import importlib.util
+import json
+import math
+
+from conftest import REPO, TINY_RCNN_OPTS
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summarize_means_stds_and_paired_gain():
+    bt = _load("benchmark_table")
+    base = {1: {"AP": 10.0, "AP50": 20.0, "AP75": 5.0}, 2: {"AP": 12.0, "AP50": 22.0, "AP75": 7.0}}
+    kd = {
+        1: {"AP": 13.0, "AP50": 25.0, "AP75": 9.0},
+        2: {"AP": 14.0, "AP50": 26.0, "AP75": 9.0},
+        3: {"AP": 15.0, "AP50": 27.0, "AP75": 9.0},
+    }
+    s = bt.summarize(base, kd)
+    assert s["AP"]["mean"] == 14.0 and math.isclose(s["AP"]["std"], 1.0)  # 13, 14, 15
+    assert s["AP75"]["std"] == 0.0 and s["AP"]["n"] == 3
+    # Gain over the seeds both have: 13 - 10 = 3, 14 - 12 = 2 -> 2.5 +- 0.7071.
+    assert s["gain_AP"]["mean"] == 2.5 and math.isclose(s["gain_AP"]["std"], 2**0.5 / 2)
+    assert s["gain_AP"]["n"] == 2
+    assert bt.summarize(base, {}) == {}
+
+
+def test_plan_and_report_from_finished_runs(tmp_path):
+    bt = _load("benchmark_table")
+    args = bt.argparse.Namespace(
+        output=str(tmp_path),
+        seeds=[1, 2],
+        families=["fcos"],
+        methods=None,
+        teacher_iters=None,
+        student_iters=7,
+    )
+    runs = bt.plan(args)
+    assert [r["kind"] for r in runs] == ["teacher", "baseline", "method"] * 1 + [
+        "baseline",
+        "method",
+    ]
+    assert all(r["iters"] == 7 for r in runs if r["kind"] != "teacher")
+    assert runs[0]["iters"] == bt.FAMILIES["fcos"].teacher_iters
+    gid = [r for r in runs if r["kind"] == "method"]
+    assert all(str(tmp_path / "teachers" / "fcos" / "model_final.pth") in r["opts"] for r in gid)
+
+    def finish(out, ap):
+        (tmp_path / out).mkdir(parents=True, exist_ok=True)
+        (tmp_path / out / "eval_results.json").write_text(
+            json.dumps({"bbox": {"AP": ap, "AP50": ap + 10, "AP75": ap - 5}})
+        )
+
+    finish("teachers/fcos", 20.0)
+    finish("fcos/seed1/baseline", 8.0)
+    finish("fcos/seed1/gid", 9.5)  # seed 2 unfinished: reported over what has finished
+    rows = bt.report(runs, str(tmp_path))
+    gid_row = [r for r in rows if r["student"] == "GID"][0]
+    assert gid_row["summary"]["gain_AP"]["mean"] == 1.5 and gid_row["teacher_AP"] == "20.00"
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| FCOS | GID | 20.00 | 9.50 | 19.50 | 4.50 | +1.50 | 1 |" in table
+    assert (tmp_path / "benchmark.png").stat().st_size > 0
+
+
+def test_benchmark_kd_reports_overhead(datasets_root):
+    bk = _load("benchmark_kd")
+    out = datasets_root / "bench.json"
+    bk.main(
+        [
+            "--configs",
+            "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml",
+            "--iters",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+            *TINY_RCNN_OPTS,
+        ]
+    )
+    row = json.loads(out.read_text())["rows"][0]
+    t = row["seconds"]
+    assert row["random_teacher"]  # the configured teacher file does not exist in tests
+    assert math.isclose(row["floor"], t["student"] + t["teacher"])
+    assert math.isclose(row["overhead"], t["kd"] / row["floor"])
+    assert set(row["peak_memory_mb"]) == {"student", "teacher", "kd"}

@@ -1,0 +1,350 @@
+#!/usr/bin/env python
+"""Does distillation make the student better? Every method against its baseline, over seeds.
+
+    python tools/benchmark_table.py [--seeds 1 2 3] [--families faster_rcnn detr ...]
+        [--methods GID ...] [--output output/benchmark] [--teacher-iters N] [--student-iters N]
+        [--dry-run] [--report-only]
+
+On kd_shapes, for every detector family (Faster R-CNN, RetinaNet, FCOS, DETR) it trains the teacher
+once, then the baseline student and each distilled student on the same schedule for every seed,
+all through ``train_net.py`` and COCOEvaluator. It writes ``OUTPUT/benchmark.md`` (mean ± std of
+AP, AP50, AP75 over the seeds and the gain over the baseline: the mean ± std of the per-seed
+differences, since a seed fixes initialisation and data order for both), ``OUTPUT/benchmark.png``
+and ``OUTPUT/results.json``. Finished runs are skipped and interrupted ones resume, so the
+benchmark can be stopped and started again; ``--report-only`` rebuilds the table from what has
+finished. Methods whose config is not in the repository are skipped with a notice.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from kd.experiments import ROOT, prepare_kd_shapes, read_results, train_and_evaluate
+
+CONFIGS = os.path.join("configs", "kd_shapes")
+METRICS = ("AP", "AP50", "AP75")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A detector family: its teacher and baseline student configs and their schedules."""
+
+    name: str
+    title: str
+    teacher: str
+    student: str
+    teacher_iters: int
+    student_iters: int
+
+
+@dataclass(frozen=True)
+class Method:
+    """A distilled student: config, extra overrides, and whose teacher it learns from."""
+
+    title: str
+    family: str
+    config: str
+    opts: Sequence[str] = field(default_factory=tuple)
+    teacher_family: Optional[str] = None  # another family's teacher (heterogeneous KD)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "_", self.title.lower()).strip("_")
+
+
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family(
+            "faster_rcnn",
+            "Faster R-CNN",
+            "faster_rcnn_teacher.yaml",
+            "faster_rcnn_student.yaml",
+            800,
+            500,
+        ),
+        Family(
+            "retinanet", "RetinaNet", "retinanet_teacher.yaml", "retinanet_student.yaml", 800, 500
+        ),
+        Family("fcos", "FCOS", "fcos_teacher.yaml", "fcos_student.yaml", 800, 500),
+        Family("detr", "DETR", "detr_teacher.yaml", "detr_student.yaml", 1000, 600),
+    )
+}
+
+METHODS = [
+    Method("Chen et al. 2017", "faster_rcnn", "faster_rcnn_kd_chen2017.yaml"),
+    Method("GID", "faster_rcnn", "faster_rcnn_kd_gid.yaml"),
+    Method(
+        "DETR teacher (heterogeneous)",
+        "faster_rcnn",
+        "hetero_detr_to_faster_rcnn.yaml",
+        teacher_family="detr",
+    ),
+    Method("GID", "retinanet", "retinanet_kd_gid.yaml"),
+    Method("GID", "fcos", "fcos_kd_gid.yaml"),
+    Method("KD-DETR", "detr", "detr_kd_detr.yaml"),
+    Method(
+        "KD-DETR general points only",
+        "detr",
+        "detr_kd_detr.yaml",
+        ("KD.KD_DETR.SPECIFIC_POINTS", "False"),
+    ),
+    Method(
+        "KD-DETR specific points only",
+        "detr",
+        "detr_kd_detr.yaml",
+        ("KD.KD_DETR.NUM_GENERAL_POINTS", "0"),
+    ),
+    Method(
+        "KD-DETR without foreground weight",
+        "detr",
+        "detr_kd_detr.yaml",
+        ("KD.KD_DETR.FOREGROUND_WEIGHT", "False"),
+    ),
+    Method(
+        "Faster R-CNN teacher (heterogeneous)",
+        "detr",
+        "hetero_faster_rcnn_to_detr.yaml",
+        teacher_family="faster_rcnn",
+    ),
+]
+
+
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = list(values)
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def summarize(baseline: Dict[int, Dict[str, float]], method: Dict[int, Dict[str, float]]):
+    """Mean ± std of each metric over seeds, and of the per-seed gain over the baseline.
+
+    Args:
+        baseline, method: ``{seed: {"AP": .., "AP50": .., "AP75": ..}}`` of finished runs.
+
+    Returns:
+        ``{metric: mean_std, "gain_AP": mean_std over the seeds both have}``; empty without runs.
+    """
+    if not method:
+        return {}
+    out = {m: mean_std([r[m] for r in method.values()]) for m in METRICS}
+    paired = sorted(set(baseline) & set(method))
+    if paired:
+        out["gain_AP"] = mean_std([method[s]["AP"] - baseline[s]["AP"] for s in paired])
+    return out
+
+
+def _fmt(stat: Optional[Dict[str, float]], signed: bool = False) -> str:
+    if not stat:
+        return "-"
+    value = f"{stat['mean']:+.2f}" if signed else f"{stat['mean']:.2f}"
+    return value + (f" ± {stat['std']:.2f}" if stat["n"] > 1 else "")
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """The README table: one line per family baseline and per method."""
+    lines = [
+        "| family | student | teacher AP | AP | AP50 | AP75 | gain (AP) | seeds |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        s = r["summary"]
+        seeds = s["AP"]["n"] if s else 0
+        lines.append(
+            f"| {r['family']} | {r['student']} | {r['teacher_AP']} | {_fmt(s.get('AP'))} | "
+            f"{_fmt(s.get('AP50'))} | {_fmt(s.get('AP75'))} | "
+            f"{_fmt(s.get('gain_AP'), signed=True) if r['student'] != 'baseline' else ''} | "
+            f"{seeds} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(rows: List[dict], path: str) -> None:
+    """Bar chart of the gain in AP of every method over its baseline, with ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["student"] != "baseline" and "gain_AP" in r["summary"]]
+    if not rows:
+        return
+    labels = [f"{r['family']}: {r['student']}" for r in rows]
+    gains = [r["summary"]["gain_AP"]["mean"] for r in rows]
+    errs = [r["summary"]["gain_AP"]["std"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    colors = ["tab:green" if g > 0 else "tab:red" for g in gains]
+    ax.barh(range(len(rows)), gains, xerr=errs, color=colors, capsize=3)
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("AP gain over the baseline student (kd_shapes val)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plan(args) -> List[dict]:
+    """The runs to do, in order: teachers first, then per seed the baselines and methods."""
+    families = [FAMILIES[f] for f in args.families]
+    methods = [
+        m
+        for m in METHODS
+        if m.family in args.families
+        and (not args.methods or any(k.lower() in m.title.lower() for k in args.methods))
+    ]
+    missing = [m for m in methods if not os.path.isfile(os.path.join(CONFIGS, m.config))]
+    for m in missing:
+        print(f"[benchmark] skipped '{m.title}' ({m.family}): {m.config} is not in {CONFIGS}")
+    methods = [m for m in methods if m not in missing]
+    teachers = {f.name for f in families} | {m.teacher_family for m in methods if m.teacher_family}
+
+    def iters(family: Family, teacher: bool) -> int:
+        given = args.teacher_iters if teacher else args.student_iters
+        return given or (family.teacher_iters if teacher else family.student_iters)
+
+    def teacher_dir(name: str) -> str:
+        return os.path.join(args.output, "teachers", name)
+
+    runs = []
+    for name in sorted(teachers):
+        fam = FAMILIES[name]
+        runs.append(
+            dict(
+                kind="teacher",
+                family=name,
+                title="teacher",
+                config=fam.teacher,
+                out=teacher_dir(name),
+                iters=iters(fam, True),
+                opts=[],
+            )
+        )
+    for seed in args.seeds:
+        for fam in families:
+            runs.append(
+                dict(
+                    kind="baseline",
+                    family=fam.name,
+                    title="baseline",
+                    seed=seed,
+                    config=fam.student,
+                    out=os.path.join(args.output, fam.name, f"seed{seed}", "baseline"),
+                    iters=iters(fam, False),
+                    opts=["SEED", str(seed)],
+                )
+            )
+            for m in (m for m in methods if m.family == fam.name):
+                t = os.path.join(teacher_dir(m.teacher_family or fam.name), "model_final.pth")
+                runs.append(
+                    dict(
+                        kind="method",
+                        family=fam.name,
+                        title=m.title,
+                        seed=seed,
+                        config=m.config,
+                        out=os.path.join(args.output, fam.name, f"seed{seed}", m.slug),
+                        iters=iters(fam, False),
+                        opts=["SEED", str(seed), "KD.TEACHER.WEIGHTS", t, *m.opts],
+                    )
+                )
+    return runs
+
+
+def report(runs: List[dict], output: str) -> List[dict]:
+    """Collect the finished runs into table rows; write benchmark.md/.png and results.json."""
+    finished = {}
+    for r in runs:
+        if os.path.isfile(os.path.join(r["out"], "eval_results.json")):
+            finished[r["out"]] = read_results(r["out"])
+    rows = []
+    for fam in dict.fromkeys(r["family"] for r in runs if r["kind"] != "teacher"):
+        t_dir = os.path.join(output, "teachers", fam)
+        teacher_ap = f"{finished[t_dir]['AP']:.2f}" if t_dir in finished else "-"
+        per_title: Dict[str, Dict[int, Dict[str, float]]] = {}
+        for r in runs:
+            if r["family"] == fam and r["kind"] != "teacher" and r["out"] in finished:
+                per_title.setdefault(r["title"], {})[r["seed"]] = finished[r["out"]]
+        baseline = per_title.get("baseline", {})
+        titles = dict.fromkeys(
+            r["title"] for r in runs if r["family"] == fam and r["kind"] != "teacher"
+        )
+        for title in titles:
+            rows.append(
+                dict(
+                    family=FAMILIES[fam].title,
+                    student=title,
+                    teacher_AP=teacher_ap,
+                    summary=summarize(baseline, per_title.get(title, {})),
+                    runs=per_title.get(title, {}),
+                )
+            )
+    os.makedirs(output, exist_ok=True)
+    table = markdown_table(rows)
+    with open(os.path.join(output, "benchmark.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(output, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    chart(rows, os.path.join(output, "benchmark.png"))
+    print("\n" + table)
+    print(f"\nwritten: {output}/benchmark.md, benchmark.png, results.json")
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default=os.path.join("output", "benchmark"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="only methods whose title contains one of these (case-insensitive)",
+    )
+    parser.add_argument(
+        "--teacher-iters",
+        type=int,
+        default=None,
+        help="every teacher's iterations (default: per family)",
+    )
+    parser.add_argument(
+        "--student-iters",
+        type=int,
+        default=None,
+        help="every student's iterations (default: per family)",
+    )
+    parser.add_argument("--num-train", type=int, default=1500)
+    parser.add_argument("--num-val", type=int, default=300)
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
+    parser.add_argument(
+        "--report-only", action="store_true", help="only rebuild the table from finished runs"
+    )
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    runs = plan(args)
+    if args.dry_run:
+        for r in runs:
+            print(f"{r['out']}: {r['config']} {r['iters']} it {' '.join(r['opts'])}")
+        return
+    if not args.report_only:
+        datasets = os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
+        prepare_kd_shapes(datasets, args.num_train, args.num_val)
+        for r in runs:
+            name = f"{r['family']} {r['title']}" + (f" seed {r['seed']}" if "seed" in r else "")
+            train_and_evaluate(
+                name, os.path.join(CONFIGS, r["config"]), r["out"], r["iters"], r["opts"]
+            )
+    report(runs, args.output)
+
+
+if __name__ == "__main__":
+    main()
