@@ -15,7 +15,8 @@ compiled ``detectron2._C``. It covers what the pure-Python detectron2 v0.6 snaps
 * the optimizer and AMP grad-scaler state in checkpoints, which v0.6's ``DefaultTrainer`` does not
   save, so ``--resume`` would restart momentum from zero (:class:`TrainerStateMixin`);
 * the ``MapDataset`` fallback that calls ``random.sample`` on a set (a ``TypeError`` since
-  Python 3.11) (:func:`apply_runtime_fixes`).
+  Python 3.11), and ``RetinaNetHead``'s ``get_norm(norm, 1)`` probe that makes
+  ``MODEL.RETINANET.NORM "GN"`` raise (:func:`apply_runtime_fixes`, :func:`group_norm`).
 
 This module imports only the standard library at import time: the ``.pth`` hook runs at every
 interpreter start and must stay cheap.
@@ -33,6 +34,7 @@ __all__ = [
     "has_compiled_ops",
     "install_import_hook",
     "apply_runtime_fixes",
+    "group_norm",
     "build_coco_evaluator",
     "launch",
     "TrainerStateMixin",
@@ -111,7 +113,10 @@ def has_compiled_ops() -> bool:
 
 
 def apply_runtime_fixes() -> None:
-    """Fix detectron2 v0.6 behaviours that break on current Python. Idempotent, feature-detected."""
+    """Fix detectron2 v0.6 behaviours that break on current Python or for GroupNorm heads.
+
+    Idempotent, feature-detected.
+    """
     install_import_hook()
     _fix_retinanet_head_group_norm()
     from detectron2.data import common
