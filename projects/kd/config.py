@@ -76,6 +76,7 @@ def add_kd_config(cfg: CN) -> None:
 
     _add_gid_keys(cfg)
     _add_kd_detr_keys(cfg)
+    _add_hetero_keys(cfg)
 
 
 def _add_solver_keys(cfg: CN) -> None:
@@ -197,14 +198,92 @@ def _add_kd_detr_keys(cfg: CN) -> None:
     _k.CLS_WEIGHT = 1.0
     _k.L1_WEIGHT = 5.0
     _k.GIOU_WEIGHT = 2.0
-    # Divisor of each point set's sum: "num_queries" (B * M, each set a mean over its points)
-    # or "weight_sum" (sum of w_i, a weighted mean, as the authors' box terms). [open]
-    _k.NORMALIZE = "num_queries"
+    # Divisor of each point set's sum: "weight_sum" (sum of w_i: a weighted mean, as the authors'
+    # box terms [code]) or "num_queries" (B * M). Most points are background with w_i ~ 0.03, so
+    # "num_queries" makes the loss ~30x smaller; on kd_shapes it did not help the student
+    # (README, KD-DETR), "weight_sum" did. [measured]
+    _k.NORMALIZE = "weight_sum"
     # Student decoder layers distilled, as indices (negative from the end); each is compared
     # with the teacher's TEACHER_LAYER. Empty: every student layer [code].
     _k.STUDENT_LAYERS = []
     # The teacher decoder layer whose answers are the targets [code: the final one, -1].
     _k.TEACHER_LAYER = -1
+
+
+def _add_hetero_keys(cfg: CN) -> None:
+    """``KD.HETERO.*``: heterogeneous distillation through shared box points (DETR <-> Faster
+    R-CNN; ``kd.meta_arch.hetero``, ``kd.probes``, ``kd.losses.class_space``).
+
+    Tags: [paper] KD-DETR's paper, [code] its released code, [open] our choice, [measured] chosen
+    from the measurement in README "Heterogeneous distillation".
+    """
+    # Losses named loss_kd_hetero_{cls, l1, giou}: the KD-DETR loss at the shared points, after
+    # mapping the teacher's classes into the student's space. A weight of 0 removes its term.
+    _h = cfg.KD.HETERO = CN()
+    # sigmoid -> softmax (a DETR's K sigmoids as a (K + 1)-way softmax for an R-CNN student): the
+    # background probability. "max": 1 - max_k p_k, so the foreground mass is the DETR's own
+    # detection score; "prod": prod_k (1 - p_k), where small per-class leaks add up. [open]
+    # The other way is exact: p_k = softmax_k, background dropped.
+    _h.BACKGROUND = "max"
+    # Content query of the points a DETR decodes (teacher or student). "zeros": the box alone asks,
+    # read through the anchor-to-query encoding as the positional query of every layer, as
+    # KD-DETR decodes anchors [paper]; "anchor": that encoding is the content too. [measured:
+    # "zeros" gives the DETR teacher's better boxes and class accuracy at jittered GT boxes]
+    _h.DETR_CONTENT = "zeros"
+    # Random boxes: each of (cx, cy, w, h) "sigmoid_normal" [code] or "uniform" [paper].
+    _h.RANDOM_BOXES = "sigmoid_normal"
+    # w_i = the teacher's top class probability at the point (in the student's class space)
+    # [paper]; False: w_i = 1.
+    _h.FOREGROUND_WEIGHT = True
+    # lambda_cls, lambda_L1, lambda_GIoU [code: 1, 5, 2]; L1 and GIoU on boxes normalised to [0, 1].
+    _h.CLS_WEIGHT = 1.0
+    _h.L1_WEIGHT = 5.0
+    _h.GIOU_WEIGHT = 2.0
+
+    # ---- DETR teacher -> Faster R-CNN student (DETRToRCNNDistiller)
+    _r = _h.RCNN_STUDENT = CN()
+    # Distil at the student's sampled ROI proposals (the boxes its box-head losses use; its box
+    # head output there is its answer, at no extra cost).
+    _r.PROPOSAL_POINTS = True
+    # Extra random boxes per image, answered by both (the student's box head runs on them too).
+    # [open]: 0, the proposals already cover objects and background.
+    _r.NUM_RANDOM_POINTS = 0
+    # T of the KL. Chen et al. found T = 1 best for softmax detectors' box heads [open: 1].
+    _r.TEMPERATURE = 1.0
+    # "foreground": KD-DETR's KL over the K object classes only (the student's softmax without
+    # its background logit against the teacher's K logits), the background left to the student's
+    # own loss; "full": the teacher's mapped (K + 1)-way distribution (BACKGROUND) against the
+    # student's whole softmax. [measured: on kd_shapes "full" lost 1.3 AP against the baseline,
+    # "foreground" gained 2.1: the focal-loss DETR's sigmoids are low even on objects (~0.14 at
+    # jittered ground truth), so its mapped distribution calls objects mostly background]
+    _r.CLASS_TARGET = "foreground"
+    # Divisor of the sums over points: "num_queries" (every point counts 1) or "weight_sum" (a
+    # mean weighted by w_i). The focal-loss DETR teacher's sigmoids are low even on objects, so
+    # with "num_queries" the terms would nearly vanish. [open: "weight_sum"]
+    _r.NORMALIZE = "weight_sum"
+    # How the DETR teacher decodes the points: "group": all points of an image in one isolated
+    # group (KD-DETR's queries); "point": each point alone. [measured: "group" gives the teacher's
+    # better class accuracy]
+    _r.DETR_ISOLATION = "group"
+
+    # ---- Faster R-CNN teacher -> DETR student (RCNNToDETRDistiller)
+    _d = _h.DETR_STUDENT = CN()
+    # Random boxes per image, redrawn every iteration (KD-DETR's general points) [code: 300 for
+    # 300 queries; kd_shapes' students have 50 queries, so 100]. 0 switches them off.
+    _d.NUM_RANDOM_POINTS = 100
+    # The student's own detection anchors as points (its selected proposals for two-stage
+    # models), standing in for KD-DETR's specific points, which need a DETR teacher. [open]
+    _d.ANCHOR_POINTS = True
+    # T of the KL (softmax over the K logits at T, times T^2) [code: 10].
+    _d.TEMPERATURE = 10.0
+    # As RCNN_STUDENT.NORMALIZE; each point set is averaged over its points [code].
+    _d.NORMALIZE = "num_queries"
+    # How the student decodes its distillation points. "point": each alone, since the R-CNN
+    # teacher answers every box independently (high scores on overlapping boxes alike), which
+    # would otherwise teach the student's self-attention to stop suppressing duplicates. [open]
+    _d.DETR_ISOLATION = "point"
+    # Distil every student decoder layer against the teacher's answer [code]; False: the last.
+    _d.ALL_LAYERS = True
 
 
 def _add_fcos_keys(cfg: CN) -> None:

@@ -7,3 +7,4 @@ from kd.meta_arch.gid import (  # noqa: F401
     GIDFCOSDistiller,
     GIDRetinaNetDistiller,
 )
+from kd.meta_arch.hetero import DETRToRCNNDistiller, RCNNToDETRDistiller  # noqa: F401

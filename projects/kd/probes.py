@@ -1,0 +1,306 @@
+"""Distillation points and per-family probes: "what are your class scores and boxes here?"
+
+**Points** are boxes, ``(cx, cy, w, h)`` in ``[0, 1]`` of each image's own unpadded input size
+(the DETR family's convention, :mod:`kd.modeling.detr`): the same numbers name the same region for
+two models that see the image at different sizes or paddings (a low-resolution student, a teacher
+with another ``size_divisibility``), so points pass between families unchanged. A batch of points
+is a ``(B, M, 4)`` tensor, with a ``(B, M)`` validity mask where images have different counts.
+
+**Probes** answer at points, batched over images and points (no per-box Python loops):
+
+* :func:`probe_rcnn`: an R-CNN pools its own FPN features at the boxes with its ``box_pooler``
+  (ROIAlign), runs ``box_head`` and ``box_predictor`` and decodes the deltas with its own
+  ``box2box_transform``: softmax logits over K + 1 and refined boxes, one per class or one
+  class-agnostic, as its config says. Exactly ``StandardROIHeads._forward_box`` on those boxes.
+* :func:`probe_detr`: a DETR decodes the boxes as anchor queries over its encoder memory, isolated
+  from its detection queries: sigmoid logits over K and refined boxes, at every decoder layer.
+
+A probe is a plain function of the model and its features: under ``torch.no_grad()`` for a
+teacher, with gradients for a student (whose own box head output *is* its probe at its sampled
+proposals). Answers are :class:`ProbeAnswer` records; :mod:`kd.losses.class_space` maps between
+the two class spaces.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.structures import Boxes
+from torch import Tensor, nn
+
+from kd.modeling.detr import DETR, DETREncoded, QueryGroup, denormalize_boxes, normalize_boxes
+from kd.modeling.detr.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+
+__all__ = [
+    "ProbeAnswer",
+    "DETR_CONTENTS",
+    "DETR_ISOLATIONS",
+    "RANDOM_BOX_MODES",
+    "clip_points",
+    "random_points",
+    "pad_points",
+    "rcnn_box_predictions",
+    "rcnn_decoded_boxes",
+    "probe_rcnn",
+    "probe_detr",
+]
+
+DETR_CONTENTS = ("zeros", "anchor")
+DETR_ISOLATIONS = ("point", "group")
+RANDOM_BOX_MODES = ("sigmoid_normal", "uniform")
+
+
+@dataclass
+class ProbeAnswer:
+    """A detector's answers at M points per image, at each of its L prediction stages.
+
+    Attributes:
+        logits: (L, B, M, C) class logits in the model's own space: "softmax" (C = K + 1,
+            background last) or "sigmoid" (C = K).
+        boxes: (L, B, M, R, 4) refined boxes, cxcywh in [0, 1] of each image; R = 1 for
+            class-agnostic regression (every DETR), R = K for per-class R-CNN heads.
+        class_space: "softmax" or "sigmoid".
+
+    An R-CNN has one stage (L = 1); a DETR has one per decoder layer, the last one last.
+    """
+
+    logits: Tensor
+    boxes: Tensor
+    class_space: str
+
+    @property
+    def num_layers(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        """K, the object classes (without background)."""
+        return self.logits.shape[-1] - (1 if self.class_space == "softmax" else 0)
+
+    def last(self) -> "ProbeAnswer":
+        """The answer of the final stage only (L = 1)."""
+        return ProbeAnswer(self.logits[-1:], self.boxes[-1:], self.class_space)
+
+    def foreground_probs(self) -> Tensor:
+        """(L, B, M, K) per-class object probabilities (softmax without background, or sigmoid)."""
+        if self.class_space == "softmax":
+            return self.logits.softmax(dim=-1)[..., :-1]
+        return self.logits.sigmoid()
+
+    def class_boxes(self, classes: Optional[Tensor] = None) -> Tensor:
+        """One box per point: the box of a given class for per-class heads.
+
+        Args:
+            classes: (B, M) long in [0, K), the class whose box to take at each point; None takes
+                the model's own top class. Ignored for class-agnostic answers (R = 1).
+
+        Returns:
+            (L, B, M, 4) cxcywh in [0, 1].
+        """
+        if self.boxes.shape[-2] == 1:
+            return self.boxes[..., 0, :]
+        if classes is None:
+            classes = self.foreground_probs()[-1].argmax(dim=-1)
+        index = classes[None, :, :, None, None].expand(self.boxes.shape[0], -1, -1, 1, 4)
+        return self.boxes.gather(-2, index)[..., 0, :]
+
+
+# ------------------------------------------------------------------------------------- points
+
+
+def clip_points(points: Tensor) -> Tensor:
+    """Clip normalised cxcywh boxes to the image (in xyxy, so a box keeps the part inside).
+
+    Both families then see the same region: ROIAlign would sample zeros outside the image where a
+    DETR's normalised anchor cannot go.
+    """
+    return box_xyxy_to_cxcywh(box_cxcywh_to_xyxy(points).clamp(0.0, 1.0))
+
+
+def random_points(
+    batch: int,
+    num: int,
+    *,
+    mode: str = "sigmoid_normal",
+    device: Optional[torch.device] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """KD-DETR's general distillation points: random boxes, redrawn every call.
+
+    Args:
+        batch: B, images.
+        num: M, boxes per image.
+        mode: "sigmoid_normal": each of (cx, cy, w, h) the sigmoid of a standard normal
+            [KD-DETR code]; "uniform": each uniform in (0, 1) [KD-DETR paper].
+        device: where to create them.
+        generator: optional RNG (tests).
+
+    Returns:
+        (B, M, 4) cxcywh boxes in [0, 1], clipped to the image.
+    """
+    if mode not in RANDOM_BOX_MODES:
+        raise ValueError(f"random box mode must be one of {RANDOM_BOX_MODES}, got {mode!r}")
+    if mode == "sigmoid_normal":
+        boxes = torch.randn(batch, num, 4, generator=generator).sigmoid()
+    else:
+        boxes = torch.rand(batch, num, 4, generator=generator)
+    return clip_points(boxes.to(device))
+
+
+def pad_points(per_image: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Per-image point sets of different sizes as one padded batch.
+
+    Args:
+        per_image: B tensors (M_i, 4), normalised cxcywh.
+
+    Returns:
+        (points, valid): (B, M, 4) with M = max M_i, padded with the whole-image box (a valid
+        region for every model, so padding never produces NaNs), and (B, M) bool, True on real
+        points. ``points[valid]`` lists the real points image by image, in their order.
+    """
+    points = nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)
+    lengths = torch.tensor([len(p) for p in per_image], device=points.device)
+    valid = torch.arange(points.shape[1], device=points.device)[None] < lengths[:, None]
+    whole = points.new_tensor([0.5, 0.5, 1.0, 1.0])
+    return torch.where(valid[..., None], points, whole), valid
+
+
+# ------------------------------------------------------------------------------------- R-CNN
+
+
+def _check_rcnn(model: nn.Module) -> None:
+    roi = getattr(model, "roi_heads", None)
+    if roi is None or not all(hasattr(roi, a) for a in ("box_pooler", "box_head", "box_predictor")):
+        raise TypeError(
+            f"probe_rcnn needs an R-CNN with a box head (GeneralizedRCNN with StandardROIHeads); "
+            f"got {type(model).__name__}"
+        )
+
+
+def rcnn_box_predictions(
+    model: nn.Module, features: Dict[str, Tensor], boxes: List[Boxes]
+) -> Tuple[Tensor, Tensor]:
+    """The R-CNN box head at absolute boxes, as ``StandardROIHeads._forward_box`` runs it.
+
+    Args:
+        model: a GeneralizedRCNN with StandardROIHeads.
+        features: its backbone outputs.
+        boxes: per image, xyxy boxes in pixels of the model's input image.
+
+    Returns:
+        (scores, deltas): (N, K + 1) class logits and (N, R * 4) box deltas, N = all boxes of
+        all images in order.
+    """
+    roi = model.roi_heads
+    pooled = roi.box_pooler([features[f] for f in roi.box_in_features], boxes)
+    return roi.box_predictor(roi.box_head(pooled))
+
+
+def rcnn_decoded_boxes(model: nn.Module, deltas: Tensor, boxes: Tensor) -> Tensor:
+    """Decode box deltas with the model's own transform (its ``BBOX_REG_WEIGHTS``).
+
+    Args:
+        model: the R-CNN the deltas come from.
+        deltas: (N, R * 4).
+        boxes: (N, 4) the absolute xyxy boxes the deltas refine.
+
+    Returns:
+        (N, R, 4) absolute xyxy boxes, not clipped.
+    """
+    transform = model.roi_heads.box_predictor.box2box_transform
+    decoded = transform.apply_deltas(deltas, boxes)
+    return decoded.view(decoded.shape[0], -1, 4)
+
+
+def _to_points(boxes_xyxy: Tensor, image_sizes: List[Tuple[int, int]]) -> Tensor:
+    """(B, M, R, 4) absolute xyxy -> normalised cxcywh, clipped to each image."""
+    b, m, r, _ = boxes_xyxy.shape
+    flat = normalize_boxes(boxes_xyxy.reshape(b, m * r, 4), image_sizes)
+    return clip_points(flat).view(b, m, r, 4)
+
+
+def probe_rcnn(
+    model: nn.Module,
+    features: Dict[str, Tensor],
+    image_sizes: List[Tuple[int, int]],
+    points: Tensor,
+) -> ProbeAnswer:
+    """An R-CNN's answer at points: ROIAlign on its own features, box head, box predictor.
+
+    Args:
+        model: a GeneralizedRCNN with StandardROIHeads (teacher or student).
+        features: its backbone outputs for the batch.
+        image_sizes: (h, w) of its input images before padding (its ``ImageList.image_sizes``).
+        points: (B, M, 4) normalised cxcywh.
+
+    Returns:
+        "softmax" answer, L = 1: logits (1, B, M, K + 1); boxes (1, B, M, R, 4), the decoded
+        boxes clipped to the image (as detectron2's inference clips them).
+    """
+    _check_rcnn(model)
+    if points.dim() != 3 or points.shape[0] != len(image_sizes) or points.shape[-1] != 4:
+        raise ValueError(
+            f"points must be ({len(image_sizes)}, M, 4) normalised cxcywh, got "
+            f"{tuple(points.shape)}"
+        )
+    b, m, _ = points.shape
+    absolute = denormalize_boxes(points, image_sizes)
+    scores, deltas = rcnn_box_predictions(model, features, [Boxes(x) for x in absolute])
+    decoded = rcnn_decoded_boxes(model, deltas, absolute.reshape(b * m, 4))
+    boxes = _to_points(decoded.view(b, m, -1, 4), image_sizes)
+    return ProbeAnswer(scores.view(1, b, m, -1), boxes[None], "softmax")
+
+
+# ------------------------------------------------------------------------------------- DETR
+
+
+def probe_detr(
+    model: DETR,
+    encoded: DETREncoded,
+    points: Tensor,
+    *,
+    content: str = "zeros",
+    isolation: str = "point",
+) -> ProbeAnswer:
+    """A DETR's answer at points: the boxes decoded as anchor queries over its encoder memory.
+
+    The detection (and denoising) queries are never part of the pass.
+
+    Args:
+        model: a :class:`~kd.modeling.detr.DETR` (teacher or student).
+        encoded: its :meth:`~kd.modeling.detr.DETR.encode` output for the batch.
+        points: (B, M, 4) normalised cxcywh.
+        content: the content queries. "zeros": the box alone asks the question; every decoder
+            layer still reads it through the anchor-to-query encoding (sine embedding + MLP) as
+            its positional query, which is how a DETR reads any anchor (KD-DETR decodes the
+            teacher's anchors with zero content [paper]). "anchor": the anchor-to-query encoding
+            is also the content (it is then seen twice).
+        isolation: "point": each point attends only to itself in self-attention (one pass, a
+            diagonal mask), so its answer does not depend on the other points, as an R-CNN's box
+            head answers each box alone; a DETR's self-attention otherwise suppresses duplicates,
+            and overlapping proposals would get low scores for being near each other. "group":
+            all M points of an image attend to each other (one isolated group, KD-DETR's
+            distillation queries).
+
+    Returns:
+        "sigmoid" answer: logits (L, B, M, K), boxes (L, B, M, 1, 4), one per decoder layer.
+    """
+    if not isinstance(model, DETR):
+        raise TypeError(f"probe_detr needs a kd.modeling.detr.DETR, got {type(model).__name__}")
+    if content not in DETR_CONTENTS:
+        raise ValueError(f"content must be one of {DETR_CONTENTS}, got {content!r}")
+    if isolation not in DETR_ISOLATIONS:
+        raise ValueError(f"isolation must be one of {DETR_ISOLATIONS}, got {isolation!r}")
+    anchors = points.to(encoded.memory.dtype)
+    queries = model.anchors_to_queries(anchors) if content == "anchor" else None
+    if isolation == "group":
+        out = model.decode_groups(encoded, [QueryGroup(anchors, queries)])[0]
+    else:
+        # M groups of one query each, built as one diagonal mask rather than M QueryGroups
+        # (decode_groups' block mask is built group by group). True = blocked.
+        b, m, _ = anchors.shape
+        if queries is None:
+            queries = encoded.memory.new_zeros(b, m, model.hidden_dim)
+        mask = ~torch.eye(m, dtype=torch.bool, device=anchors.device)
+        out = model.decoder(queries, anchors.clamp(0.0, 1.0), encoded, mask)
+    return ProbeAnswer(out.logits, out.boxes[..., None, :], "sigmoid")

@@ -1,0 +1,409 @@
+"""Heterogeneous distillation (DETR <-> Faster R-CNN): the class-space maps by hand, the probes
+against the models' own forward passes, the distillers' wiring, and both directions through
+train_net.py with tiny models."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY_DATASET, TINY_RCNN_OPTS, build_cfg, run_train_net
+from detectron2.modeling import build_model
+
+from kd.losses.class_space import (
+    convert_class_logits,
+    sigmoid_logits_of,
+    sigmoid_to_softmax_probs,
+    softmax_logits_of,
+    softmax_to_sigmoid_probs,
+)
+from kd.modeling.detr import QueryGroup, normalize_boxes
+from kd.probes import (
+    ProbeAnswer,
+    clip_points,
+    pad_points,
+    probe_detr,
+    probe_rcnn,
+    random_points,
+)
+
+DETR_TO_RCNN = "configs/kd_shapes/hetero_detr_to_faster_rcnn.yaml"
+RCNN_TO_DETR = "configs/kd_shapes/hetero_faster_rcnn_to_detr.yaml"
+TERMS = ("cls", "l1", "giou")
+
+# Tiny two-stage DETRs with denoising (the kd_shapes family) on 64 px images.
+TINY_DETR = [
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.DETR.HIDDEN_DIM", "32",
+    "MODEL.DETR.NHEADS", "4",
+    "MODEL.DETR.DIM_FEEDFORWARD", "64",
+    "MODEL.DETR.ENC_LAYERS", "1",
+    "MODEL.DETR.DEC_LAYERS", "2",
+    "MODEL.DETR.NUM_QUERIES", "8",
+    "MODEL.DETR.DENOISING.MAX_QUERIES", "12",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "64",
+    "DATASETS.TRAIN", f"('{TINY_DATASET}_train',)",
+    "DATASETS.TEST", f"('{TINY_DATASET}_val',)",
+    "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.WARMUP_ITERS", "0",
+    "SOLVER.STEPS", "()",
+    "SOLVER.MAX_ITER", "2",
+    "SEED", "7",
+]  # fmt: skip
+# Few random points keep the tiny runs fast.
+FEW_POINTS = ["KD.HETERO.DETR_STUDENT.NUM_RANDOM_POINTS", "6"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two OpenMP threads on a shared 2-core machine run these tiny models many times slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def event_storage():
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0) as storage:
+        yield storage
+
+
+def _save_teacher(out, config_file, opts, seed):
+    """(config file, weights) of a freshly built tiny teacher, saved as a checkpoint.
+
+    Untrained weights are enough for the wiring; the loader still verifies every key and shape.
+    """
+    cfg = build_cfg(config_file, opts)
+    config, weights = out / "teacher.yaml", out / "teacher.pth"
+    config.write_text(cfg.dump())
+    torch.manual_seed(seed)
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    return str(config), str(weights)
+
+
+@pytest.fixture(scope="module")
+def detr_teacher(datasets_root, tmp_path_factory):
+    return _save_teacher(
+        tmp_path_factory.mktemp("hetero_detr_teacher"),
+        "configs/kd_shapes/detr_teacher.yaml",
+        [*TINY_DETR, "MODEL.DETR.DEC_LAYERS", "3", "MODEL.DETR.NUM_QUERIES", "10"],
+        seed=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def rcnn_teacher(datasets_root, tmp_path_factory):
+    opts = list(TINY_RCNN_OPTS)
+    i = opts.index("MODEL.FPN.OUT_CHANNELS")
+    opts[i + 1] = "48"  # wider than the tiny student, as the real teacher is
+    return _save_teacher(
+        tmp_path_factory.mktemp("hetero_rcnn_teacher"),
+        "configs/kd_shapes/faster_rcnn_teacher.yaml",
+        opts,
+        seed=2,
+    )
+
+
+def _teacher_opts(teacher, out_dir):
+    config, weights = teacher
+    return [
+        "KD.TEACHER.CONFIG_FILE",
+        config,
+        "KD.TEACHER.WEIGHTS",
+        weights,
+        "OUTPUT_DIR",
+        str(out_dir),
+    ]
+
+
+def detr_to_rcnn(teacher, tmp_path, *extra):
+    return build_model(
+        build_cfg(DETR_TO_RCNN, [*TINY_RCNN_OPTS, *_teacher_opts(teacher, tmp_path), *extra])
+    )
+
+
+def rcnn_to_detr(teacher, tmp_path, *extra):
+    return build_model(
+        build_cfg(
+            RCNN_TO_DETR, [*TINY_DETR, *FEW_POINTS, *_teacher_opts(teacher, tmp_path), *extra]
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def batch(datasets_root):
+    from detectron2.data import DatasetMapper, get_detection_dataset_dicts
+
+    cfg = build_cfg("configs/kd_shapes/faster_rcnn_student.yaml", TINY_RCNN_OPTS)
+    mapper = DatasetMapper(cfg, True)
+    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN)[:2]
+    torch.manual_seed(0)
+    return [mapper(copy.deepcopy(d)) for d in dicts]
+
+
+# ----------------------------------------------------------------------------- class spaces
+
+
+def test_softmax_to_sigmoid_by_hand():
+    # softmax of log([1, 2, 5]) = [0.125, 0.25, 0.625]; background (last) is dropped.
+    logits = torch.tensor([1.0, 2.0, 5.0]).log()
+    probs = softmax_to_sigmoid_probs(logits)
+    torch.testing.assert_close(probs, torch.tensor([0.125, 0.25]))
+    # As sigmoid logits: sigmoid of them gives the same probabilities back.
+    z = convert_class_logits(logits, "softmax", "sigmoid")
+    torch.testing.assert_close(z, torch.tensor([math.log(0.125 / 0.875), math.log(0.25 / 0.75)]))
+    torch.testing.assert_close(z.sigmoid(), probs)
+
+
+def test_sigmoid_to_softmax_by_hand():
+    p = torch.tensor([0.6, 0.2])
+    z = torch.logit(p)
+    # "max": background 1 - 0.6 = 0.4; foreground 0.6 shared 3:1.
+    torch.testing.assert_close(sigmoid_to_softmax_probs(z, "max"), torch.tensor([0.45, 0.15, 0.4]))
+    # "prod": background 0.4 * 0.8 = 0.32; foreground 0.68 shared 3:1.
+    torch.testing.assert_close(
+        sigmoid_to_softmax_probs(z, "prod"), torch.tensor([0.51, 0.17, 0.32])
+    )
+    # As softmax logits: their softmax is the mapped distribution.
+    out = convert_class_logits(z, "sigmoid", "softmax", "max")
+    torch.testing.assert_close(out.softmax(-1), torch.tensor([0.45, 0.15, 0.4]))
+
+
+@pytest.mark.parametrize("background", ["max", "prod"])
+def test_class_maps_give_valid_distributions(background):
+    torch.manual_seed(0)
+    z = torch.randn(4, 5, 7) * 6  # includes very confident and very unconfident answers
+    q = sigmoid_to_softmax_probs(z, background)
+    assert q.shape == (4, 5, 8) and (q >= 0).all()
+    torch.testing.assert_close(q.sum(-1), torch.ones(4, 5))
+    # The foreground order of the sigmoids is kept (where the foreground mass is not ~0).
+    kept = q[..., :-1].sum(-1) > 1e-6
+    p = z.sigmoid()
+    assert torch.equal(q[..., :-1].argmax(-1)[kept], p.argmax(-1)[kept]) and kept.any()
+    s = torch.randn(4, 5, 8) * 6
+    p = softmax_to_sigmoid_probs(s)
+    assert p.shape == (4, 5, 7) and (p >= 0).all() and (p.sum(-1) <= 1 + 1e-6).all()
+    # Extreme and underflowing inputs stay finite.
+    extreme = torch.tensor([[-200.0, -200.0], [50.0, -50.0]])
+    q = sigmoid_to_softmax_probs(extreme, background)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q[0], torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.isfinite(softmax_logits_of(q)).all()
+    assert torch.isfinite(sigmoid_logits_of(torch.tensor([0.0, 1.0]))).all()
+    with pytest.raises(ValueError, match="background"):
+        sigmoid_to_softmax_probs(z, "mean")
+    assert convert_class_logits(z, "sigmoid", "sigmoid") is z
+
+
+# ----------------------------------------------------------------------------- points
+
+
+def test_points_clip_pad_and_random():
+    pts = clip_points(torch.tensor([[0.9, 0.5, 0.4, 0.2]]))  # sticks out on the right
+    torch.testing.assert_close(pts, torch.tensor([[0.85, 0.5, 0.3, 0.2]]))
+    points, valid = pad_points([torch.rand(3, 4), torch.rand(1, 4)])
+    assert points.shape == (2, 3, 4) and valid.tolist() == [[True] * 3, [True, False, False]]
+    torch.testing.assert_close(points[1, 1:], torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2))
+    for mode in ("sigmoid_normal", "uniform"):
+        r = random_points(2, 50, mode=mode)
+        assert r.shape == (2, 50, 4) and (r >= 0).all() and (r <= 1).all()
+        torch.testing.assert_close(clip_points(r), r)
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def test_rcnn_probe_equals_box_head_in_a_normal_forward(batch):
+    """The probe at the proposals the box head saw gives the box head's own outputs."""
+    cfg = build_cfg("configs/kd_shapes/faster_rcnn_student.yaml", TINY_RCNN_OPTS)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    seen = {}
+    roi = model.roi_heads
+    pooler = roi.box_pooler.register_forward_pre_hook(
+        lambda m, args: seen.update(boxes=[b.tensor.clone() for b in args[1]])
+    )
+    predictor = roi.box_predictor.register_forward_hook(
+        lambda m, args, out: seen.update(scores=out[0], deltas=out[1])
+    )
+    inputs = [{"image": x["image"]} for x in batch]
+    with torch.no_grad():
+        model(inputs)
+        pooler.remove()
+        predictor.remove()
+        images = model.preprocess_image(inputs)
+        features = model.backbone(images.tensor)
+        m = min(len(b) for b in seen["boxes"])
+        boxes = torch.stack([b[:m] for b in seen["boxes"]])
+        answer = probe_rcnn(
+            model, features, images.image_sizes, normalize_boxes(boxes, images.image_sizes)
+        )
+    n = len(seen["boxes"][0])
+    scores = torch.stack([seen["scores"][:m], seen["scores"][n : n + m]])
+    assert answer.class_space == "softmax" and answer.logits.shape == (1, 2, m, 8)
+    torch.testing.assert_close(answer.logits[0], scores, atol=1e-4, rtol=1e-4)
+    # Boxes: the predictor's deltas decoded on the same proposals, normalised and clipped.
+    deltas = torch.stack([seen["deltas"][:m], seen["deltas"][n : n + m]])
+    decoded = roi.box_predictor.box2box_transform.apply_deltas(
+        deltas.flatten(0, 1), boxes.flatten(0, 1)
+    ).view(2, m, 7, 4)
+    h, w = images.image_sizes[0]
+    decoded = decoded.clamp(min=0).minimum(torch.tensor([w, h, w, h]).float())
+    expected = normalize_boxes(decoded.flatten(1, 2), images.image_sizes).view(2, m, 7, 4)
+    assert answer.boxes.shape == (1, 2, m, 7, 4)
+    torch.testing.assert_close(answer.boxes[0], expected, atol=1e-4, rtol=1e-4)
+    # class_boxes picks each point's box of the requested class.
+    classes = torch.randint(0, 7, (2, m))
+    picked = answer.class_boxes(classes)[0]
+    torch.testing.assert_close(picked[1, 3], answer.boxes[0, 1, 3, classes[1, 3]])
+
+
+def test_detr_probe_equals_decoding_the_anchors():
+    cfg = build_cfg("configs/kd_shapes/detr_student.yaml", TINY_DETR)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    inputs = [{"image": torch.rand(3, 64, 64) * 255}, {"image": torch.rand(3, 64, 48) * 255}]
+    points = random_points(2, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        encoded = model.encode(inputs)
+        group = probe_detr(model, encoded, points, isolation="group")
+        reference = model.decode_groups(encoded, [QueryGroup(points)])[0]
+        point = probe_detr(model, encoded, points, isolation="point")
+        # "point" isolation = every point its own group.
+        singles = model.decode_groups(encoded, [QueryGroup(points[:, i : i + 1]) for i in range(5)])
+        # ... so adding points changes nothing about the others' answers.
+        more = probe_detr(model, encoded, torch.cat([points, random_points(2, 3)], 1))
+        anchor = probe_detr(model, encoded, points, content="anchor", isolation="group")
+        anchor_ref = model.decode_groups(
+            encoded, [QueryGroup(points, model.anchors_to_queries(points))]
+        )[0]
+    assert group.class_space == "sigmoid" and group.logits.shape == (2, 2, 5, 7)
+    assert group.boxes.shape == (2, 2, 5, 1, 4)
+    torch.testing.assert_close(group.logits, reference.logits)
+    torch.testing.assert_close(group.boxes[..., 0, :], reference.boxes)
+    torch.testing.assert_close(point.logits, torch.cat([s.logits for s in singles], 2))
+    torch.testing.assert_close(point.boxes[..., 0, :], torch.cat([s.boxes for s in singles], 2))
+    torch.testing.assert_close(more.logits[:, :, :5], point.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(anchor.logits, anchor_ref.logits)
+    assert not torch.allclose(anchor.logits, group.logits)
+    last = point.last()
+    assert last.num_layers == 1 and torch.equal(last.class_boxes()[0], point.boxes[-1, ..., 0, :])
+
+
+def test_probe_gradients_reach_the_student_only_where_asked():
+    cfg = build_cfg("configs/kd_shapes/detr_student.yaml", TINY_DETR)
+    model = build_model(cfg).train()
+    encoded = model.encode([{"image": torch.rand(3, 64, 64) * 255}])
+    answer = probe_detr(model, encoded, random_points(1, 4))
+    answer.logits.sum().backward()
+    assert model.decoder.class_heads[-1].weight.grad is not None
+    with pytest.raises(TypeError, match="DETR"):
+        probe_detr(torch.nn.Linear(1, 1), encoded, random_points(1, 4))
+    with pytest.raises(TypeError, match="R-CNN"):
+        probe_rcnn(model, {}, [(64, 64)], random_points(1, 4))
+
+
+def test_probe_answer_foreground_probs():
+    logits = torch.zeros(1, 1, 2, 3)
+    soft = ProbeAnswer(logits, torch.zeros(1, 1, 2, 1, 4), "softmax")
+    assert soft.num_classes == 2
+    torch.testing.assert_close(soft.foreground_probs(), torch.full((1, 1, 2, 2), 1 / 3))
+    sig = ProbeAnswer(logits, torch.zeros(1, 1, 2, 1, 4), "sigmoid")
+    assert sig.num_classes == 3
+    torch.testing.assert_close(sig.foreground_probs(), torch.full((1, 1, 2, 3), 0.5))
+
+
+# ----------------------------------------------------------------------------- distillers
+
+
+def test_detr_to_rcnn_losses_student_unchanged_teacher_frozen(detr_teacher, tmp_path, batch):
+    model = detr_to_rcnn(detr_teacher, tmp_path).train()
+    torch.manual_seed(11)
+    losses = model(batch)
+    torch.manual_seed(11)
+    plain = model.student(batch)
+    for term in TERMS:
+        assert torch.isfinite(losses[f"loss_kd_hetero_{term}"]), term
+    # The student's own losses are exactly those of the student alone (same samples).
+    for k, v in plain.items():
+        assert losses[k].item() == pytest.approx(v.item(), rel=1e-5), k
+    sum(losses.values()).backward()
+    assert model.student.roi_heads.box_predictor.cls_score.weight.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    assert not any(k.startswith("teacher.") for k in model.state_dict())
+    assert not model.teacher.training
+
+
+def test_detr_to_rcnn_options(detr_teacher, tmp_path, batch):
+    model = detr_to_rcnn(
+        detr_teacher,
+        tmp_path,
+        "KD.HETERO.RCNN_STUDENT.NUM_RANDOM_POINTS", "5",
+        "KD.HETERO.RCNN_STUDENT.CLASS_TARGET", "full",
+        "KD.HETERO.RCNN_STUDENT.DETR_ISOLATION", "point",
+        "KD.HETERO.GIOU_WEIGHT", "0.0",
+        "KD.STUDENT.INPUT_SCALE", "0.5",
+    ).train()  # fmt: skip
+    losses = model(batch)
+    assert "loss_kd_hetero_giou" not in losses
+    assert torch.isfinite(losses["loss_kd_hetero_cls"]) and torch.isfinite(
+        losses["loss_kd_hetero_l1"]
+    )
+    with pytest.raises(ValueError, match="CLASS_TARGET"):
+        detr_to_rcnn(detr_teacher, tmp_path, "KD.HETERO.RCNN_STUDENT.CLASS_TARGET", "all")
+
+
+def test_rcnn_to_detr_losses_student_unchanged_teacher_frozen(rcnn_teacher, tmp_path, batch):
+    model = rcnn_to_detr(rcnn_teacher, tmp_path).train()
+    torch.manual_seed(11)
+    losses = model(batch)
+    torch.manual_seed(11)
+    plain = model.student(batch)
+    for term in TERMS:
+        assert torch.isfinite(losses[f"loss_kd_hetero_{term}"]), term
+    for k, v in plain.items():
+        assert losses[k].item() == pytest.approx(v.item(), rel=1e-5), k
+    losses["loss_kd_hetero_cls"].backward()
+    assert model.student.decoder.class_heads[0].weight.grad.abs().sum() > 0  # every layer
+    assert all(p.grad is None for p in model.teacher.parameters())
+    model.eval()
+    inputs = [{"image": x["image"], "height": 64, "width": 64} for x in batch]
+    with torch.no_grad():
+        a, b = model(inputs), model.student(inputs)
+    assert torch.equal(a[0]["instances"].scores, b[0]["instances"].scores)
+
+
+def test_wrong_family_is_refused(detr_teacher, rcnn_teacher, tmp_path):
+    with pytest.raises(ValueError, match="DETR teacher into a Faster R-CNN student"):
+        detr_to_rcnn(rcnn_teacher, tmp_path)
+    with pytest.raises(ValueError, match="Faster R-CNN teacher into a DETR student"):
+        rcnn_to_detr(detr_teacher, tmp_path)
+
+
+# ----------------------------------------------------------------------------- train_net.py
+
+
+@pytest.mark.parametrize("direction", ["detr_to_rcnn", "rcnn_to_detr"])
+def test_train_net_distils_and_evaluates(
+    direction, detr_teacher, rcnn_teacher, datasets_root, tmp_path
+):
+    if direction == "detr_to_rcnn":
+        args = ["--config-file", DETR_TO_RCNN, *TINY_RCNN_OPTS]
+        args += _teacher_opts(detr_teacher, tmp_path)
+    else:
+        args = ["--config-file", RCNN_TO_DETR, *TINY_DETR, *FEW_POINTS]
+        args += _teacher_opts(rcnn_teacher, tmp_path)
+    run_train_net([*args, "SOLVER.MAX_ITER", "2"], datasets_root)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    logged = {k for m in metrics for k in m}
+    assert {f"loss_kd_hetero_{t}" for t in TERMS} <= logged
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert {"AP", "AP50", "AP75"} <= set(results["bbox"])
