@@ -20,4 +20,8 @@ def test_retinanet_head_accepts_group_norm():
     head = RetinaNetHead(cfg, [ShapeSpec(channels=64, stride=s) for s in (8, 16)])
     norms = [m for m in head.cls_subnet if isinstance(m, nn.GroupNorm)]
     assert [(n.num_groups, n.num_channels) for n in norms] == [(32, 64), (32, 64)]
+    from kd.compat import group_norm
+
+    # Narrow heads keep 2 channels a group (a 1x1 map of one image must be normalisable).
+    assert group_norm(32).num_groups == 16 and group_norm(256).num_groups == 32
     assert sum(isinstance(m, nn.GroupNorm) for m in head.bbox_subnet) == 2

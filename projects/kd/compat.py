@@ -140,15 +140,16 @@ def apply_runtime_fixes() -> None:
 
 
 def group_norm(channels: int) -> "torch.nn.GroupNorm":  # noqa: F821 (torch imported lazily)
-    """detectron2's ``"GN"`` (32 groups) as a callable that also accepts fewer than 32 channels.
+    """detectron2's ``"GN"`` (32 groups) as a callable that also works for narrow heads.
 
     detectron2 v0.6's ``RetinaNetHead`` and ``FCOSHead`` probe their norm with ``get_norm(norm,
-    1)``, which fails for ``GroupNorm(32, 1)``; this callable builds the same module (same
-    parameters, so checkpoints match) for every real width.
+    1)``, which fails for ``GroupNorm(32, 1)``. Groups keep at least 2 channels, so that a 1x1 map
+    (P7 of a small image, batch 1) can be normalised; from 64 channels on this is detectron2's
+    ``GroupNorm(32, C)`` exactly (same parameters, so checkpoints match).
     """
     from torch import nn  # not at module level: the .pth loads this file before torch is wanted
 
-    return nn.GroupNorm(min(32, channels), channels)
+    return nn.GroupNorm(max(1, min(32, channels // 2)), channels)
 
 
 def _fix_retinanet_head_group_norm() -> None:
