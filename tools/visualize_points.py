@@ -16,6 +16,17 @@ Extending it: any distiller with a method ``distillation_points(batched_inputs)`
 image, ``{name: Boxes}`` in the input image's coordinates (GID: ``"general instances"``) is drawn;
 for a model class that cannot have the method, register a function with :func:`register_points`.
 The student runs in eval mode (its BatchNorm running statistics), the teacher as always.
+
+Answers mode (``--mode answers``; the default for distillers with ``distillation_answers``, i.e.
+KD-DETR): one panel per point set (KD-DETR: "general", "specific") draws the ``--top-k`` points the
+teacher is most confident at (grey), the teacher's answer box at each (green) and the student's
+(magenta). ``summary.json`` then holds, per set, the number of points, the mean top class
+probability of teacher and student, the mean IoU of the two answers at the same point, and how
+many teacher answers are positives (IoU >= 0.5 with the ground truth). General points are random:
+``--seed`` fixes them.
+
+    python tools/visualize_points.py --config-file configs/kd_shapes/detr_kd_detr.yaml \\
+        --checkpoint output/kd_shapes/detr_kd_detr/model_final.pth --output vis/kd_detr
 """
 
 import argparse
@@ -23,7 +34,7 @@ import copy
 import json
 import os
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -42,12 +53,13 @@ from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 import kd  # noqa: E402,F401  (registers the distillers and datasets)
 from kd.config import add_kd_config  # noqa: E402
 
-__all__ = ["register_points", "points_of", "classify", "render", "main"]
+__all__ = ["register_points", "points_of", "classify", "render", "render_answers", "main"]
 
 POSITIVE, NEAR = 0.5, 0.3
 COLOURS = {"positive": (0, 200, 0), "near": (255, 150, 0), "background": (230, 30, 30)}
 SHORT = {"positive": "pos", "near": "near", "background": "bg"}
 GT_COLOUR = (40, 120, 255)
+POINT_COLOUR, TEACHER_COLOUR, STUDENT_COLOUR = (150, 150, 150), (0, 200, 0), (220, 0, 220)
 
 # Model class name -> function(model, batched_inputs) -> List[Dict[str, Boxes]].
 _POINT_FUNCTIONS: Dict[str, Callable] = {}
@@ -90,18 +102,43 @@ def classify(points: Boxes, gt: Boxes) -> List[str]:
 
 
 def _panel(
-    image: np.ndarray, boxes: np.ndarray, colours: List[tuple], title: str, scale: int
+    image: np.ndarray,
+    boxes: np.ndarray,
+    colours: List[tuple],
+    title: str,
+    scale: int,
+    widths: Optional[List[int]] = None,
 ) -> Image.Image:
     h, w = image.shape[:2]
     canvas = Image.new("RGB", (w * scale, h * scale + 14), (255, 255, 255))
     canvas.paste(Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST), (0, 14))
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 1), title, fill=(0, 0, 0))
-    for (x0, y0, x1, y1), colour in zip(boxes.tolist(), colours):
+    widths = widths or [2] * len(colours)
+    for (x0, y0, x1, y1), colour, width in zip(boxes.tolist(), colours, widths):
         draw.rectangle(
-            [x0 * scale, y0 * scale + 14, x1 * scale, y1 * scale + 14], outline=colour, width=2
+            [x0 * scale, y0 * scale + 14, x1 * scale, y1 * scale + 14], outline=colour, width=width
         )
     return canvas
+
+
+def _side_by_side(panels: List[Image.Image]) -> Image.Image:
+    out = Image.new(
+        "RGB",
+        (sum(p.width for p in panels) + 4 * (len(panels) - 1), max(p.height for p in panels)),
+        (255, 255, 255),
+    )
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 0))
+        x += p.width + 4
+    return out
+
+
+def _gt_panel(image: np.ndarray, gt: Boxes, scale: int) -> Image.Image:
+    return _panel(
+        image, gt.tensor.cpu().numpy(), [GT_COLOUR] * len(gt), f"ground truth ({len(gt)})", scale
+    )
 
 
 def render(image: np.ndarray, gt: Boxes, point_sets: Dict[str, Boxes], scale: int = 4):
@@ -116,15 +153,7 @@ def render(image: np.ndarray, gt: Boxes, point_sets: Dict[str, Boxes], scale: in
     Returns:
         (PIL image, {name: {"positive": n, "near": n, "background": n}}).
     """
-    panels = [
-        _panel(
-            image,
-            gt.tensor.cpu().numpy(),
-            [GT_COLOUR] * len(gt),
-            f"ground truth ({len(gt)})",
-            scale,
-        )
-    ]
+    panels = [_gt_panel(image, gt, scale)]
     counts = {}
     for name, boxes in point_sets.items():
         boxes = boxes.to("cpu")
@@ -134,16 +163,54 @@ def render(image: np.ndarray, gt: Boxes, point_sets: Dict[str, Boxes], scale: in
         panels.append(
             _panel(image, boxes.tensor.numpy(), [COLOURS[k] for k in kinds], title, scale)
         )
-    out = Image.new(
-        "RGB",
-        (sum(p.width for p in panels) + 4 * (len(panels) - 1), max(p.height for p in panels)),
-        (255, 255, 255),
-    )
-    x = 0
-    for p in panels:
-        out.paste(p, (x, 0))
-        x += p.width + 4
-    return out, counts
+    return _side_by_side(panels), counts
+
+
+def render_answers(
+    image: np.ndarray, gt: Boxes, answers: Dict[str, dict], top_k: int = 10, scale: int = 4
+):
+    """The ground truth, then per point set its top-k points with both models' answers.
+
+    Args:
+        image: (H, W, 3) uint8 RGB, the model's input image.
+        gt: ground-truth boxes in the same coordinates.
+        answers: set name -> the distiller's ``distillation_answers`` entry for this image.
+        top_k: points drawn per set, those with the highest teacher score.
+        scale: upsampling factor of the drawing.
+
+    Returns:
+        (PIL image, {set name: statistics over all its points}).
+    """
+    panels = [_gt_panel(image, gt, scale)]
+    stats = {}
+    gt = gt.to("cpu")
+    for name, entry in answers.items():
+        entry = {k: v.to("cpu") for k, v in entry.items()}
+        t_boxes, s_boxes = entry["teacher_boxes"], entry["student_boxes"]
+        agreement = pairwise_iou(t_boxes, s_boxes).diagonal()
+        positive = 0
+        if len(gt) and len(t_boxes):
+            positive = int((pairwise_iou(t_boxes, gt).max(dim=1).values >= POSITIVE).sum())
+        stats[name] = {
+            "points": len(t_boxes),
+            "teacher_score": float(entry["teacher_scores"].mean()),
+            "student_score": float(entry["student_scores"].mean()),
+            "answer_iou": float(agreement.mean()),
+            "teacher_positive": positive,
+        }
+        keep = entry["teacher_scores"].argsort(descending=True)[:top_k]
+        boxes, colours, widths = [], [], []
+        for key, colour, width in (
+            ("points", POINT_COLOUR, 1),
+            ("teacher_boxes", TEACHER_COLOUR, 2),
+            ("student_boxes", STUDENT_COLOUR, 1),
+        ):
+            boxes.append(entry[key].tensor[keep])
+            colours += [colour] * len(keep)
+            widths += [width] * len(keep)
+        title = f"{name}: top {len(keep)}/{len(t_boxes)}, IoU(t,s) {stats[name]['answer_iou']:.2f}"
+        panels.append(_panel(image, torch.cat(boxes).numpy(), colours, title, scale, widths=widths))
+    return _side_by_side(panels), stats
 
 
 def setup(args) -> CfgNode:
@@ -174,6 +241,15 @@ def main(argv=None) -> Dict[str, Dict[str, int]]:
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--dataset", default="", help="default: the config's first test set")
     parser.add_argument("--scale", type=int, default=4, help="drawing upsampling factor")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "points", "answers"),
+        default="auto",
+        help="points: boxes coloured by IoU with the ground truth; answers: points with the "
+        "teacher's and student's answers (KD-DETR); auto: answers when the distiller has them",
+    )
+    parser.add_argument("--top-k", type=int, default=10, help="answers mode: points drawn per set")
+    parser.add_argument("--seed", type=int, default=0, help="RNG seed (random general points)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 
@@ -181,6 +257,12 @@ def main(argv=None) -> Dict[str, Dict[str, int]]:
     model = build_model(cfg)
     load_checkpoint(model, args.checkpoint)
     model.eval()
+    answers_mode = args.mode == "answers" or (
+        args.mode == "auto" and hasattr(model, "distillation_answers")
+    )
+    if answers_mode and not hasattr(model, "distillation_answers"):
+        raise SystemExit(f"{type(model).__name__} has no distillation_answers: use --mode points")
+    torch.manual_seed(args.seed)
 
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     dicts = get_detection_dataset_dicts([dataset], filter_empty=False)[: args.num_images]
@@ -193,24 +275,34 @@ def main(argv=None) -> Dict[str, Dict[str, int]]:
         ],
     )
     os.makedirs(args.output, exist_ok=True)
-    totals: Dict[str, Dict[str, int]] = {}
+    totals: Dict[str, Dict[str, float]] = {}
     for d in dicts:
         x = mapper(copy.deepcopy(d))
-        with torch.no_grad():
-            point_sets = points_of(model, [x])[0]
         image = convert_image_to_rgb(x["image"].permute(1, 2, 0).numpy(), cfg.INPUT.FORMAT)
-        picture, counts = render(
-            image.astype(np.uint8), x["instances"].gt_boxes, point_sets, args.scale
-        )
+        image = image.astype(np.uint8)
+        gt = x["instances"].gt_boxes
+        with torch.no_grad():
+            if answers_mode:
+                picture, counts = render_answers(
+                    image, gt, model.distillation_answers([x])[0], args.top_k, args.scale
+                )
+            else:
+                picture, counts = render(image, gt, points_of(model, [x])[0], args.scale)
         name = os.path.splitext(os.path.basename(d["file_name"]))[0]
         picture.save(os.path.join(args.output, f"{name}.png"))
         for set_name, c in counts.items():
-            t = totals.setdefault(set_name, dict.fromkeys(COLOURS, 0))
+            t = totals.setdefault(set_name, dict.fromkeys(c, 0))
             for k, v in c.items():
                 t[k] += v
+    if answers_mode:
+        # Per-image means -> means over the images; counts stay totals.
+        for t in totals.values():
+            for k in ("teacher_score", "student_score", "answer_iou"):
+                t[k] /= max(len(dicts), 1)
+    key = "answers" if answers_mode else "points"
     with open(os.path.join(args.output, "summary.json"), "w") as f:
-        json.dump({"images": len(dicts), "points": totals}, f, indent=1)
-    print(json.dumps({"images": len(dicts), "points": totals}))
+        json.dump({"images": len(dicts), key: totals}, f, indent=1)
+    print(json.dumps({"images": len(dicts), key: totals}))
     return totals
 
 

@@ -8,3 +8,4 @@ from kd.meta_arch.gid import (  # noqa: F401
     GIDRetinaNetDistiller,
 )
 from kd.meta_arch.hetero import DETRToRCNNDistiller, RCNNToDETRDistiller  # noqa: F401
+from kd.meta_arch.kd_detr import KDDETRDistiller  # noqa: F401

@@ -1,0 +1,378 @@
+"""KD-DETR (Wang et al., CVPR 2024): distillation at consistent distillation points.
+
+METHODS.md section 3. Teacher and student, both :class:`~kd.modeling.detr.DETR`, answer the same
+*distillation queries*, decoded in groups isolated from each other and from the detection and
+denoising queries (:meth:`DETR.decode_groups`):
+
+* general points: ``M_g`` random boxes per image, redrawn every iteration, never learned;
+* specific points: the teacher's own query anchors (its learned anchors, or for a two-stage
+  teacher the encoder proposals it selected for this image).
+
+Every point is a query with zero content for the student (its own content queries mean nothing at
+the teacher's anchors). The teacher decodes the general points with zero content too, and the
+specific points with zero content (both models answer the identical query, the default) or its own
+learned content (``KD.KD_DETR.SPECIFIC_TEACHER_CONTENT``).
+
+The student's detection queries keep their own detection loss and run in their own decoder pass, so
+the distillation queries change nothing about detection; the distillation queries get only the
+distillation loss (:func:`kd.losses.kd_detr.kd_detr_loss`), each distilled student decoder layer
+against the teacher's final layer. The teacher encodes and decodes under ``inference_mode``.
+
+Losses: ``loss_kd_kd_detr_cls``, ``loss_kd_kd_detr_l1``, ``loss_kd_kd_detr_giou``, each summed over
+the point sets (each set a mean over its points, by default weighted by the foreground weights:
+``KD.KD_DETR.NORMALIZE``) and the distilled student layers.
+"""
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.structures import Boxes
+from detectron2.utils.events import get_event_storage
+from torch import Tensor
+
+from kd.losses.kd_detr import kd_detr_loss
+from kd.meta_arch.base import Distiller
+from kd.modeling.detr import DETR, DecoderOutput, DETREncoded, QueryGroup, denormalize_boxes
+
+__all__ = ["KDDETRDistiller", "sample_general_points", "GENERAL", "SPECIFIC"]
+
+PREFIX = "loss_kd_kd_detr_"
+TERMS = ("cls", "l1", "giou")
+# The point sets, in the order they are decoded.
+GENERAL, SPECIFIC = "general", "specific"
+DISTRIBUTIONS = ("uniform", "sigmoid_normal")
+TEACHER_CONTENTS = ("zero", "learned")
+
+logger = logging.getLogger(__name__)
+
+
+def sample_general_points(
+    batch_size: int,
+    num_points: int,
+    distribution: str = "uniform",
+    *,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Random boxes for general sampling.
+
+    Drawn on the CPU from the global torch RNG whatever the device, so that the points depend only
+    on the RNG state the trainer checkpoints (a resumed run draws the same points) and not on the
+    device.
+
+    Args:
+        batch_size: B.
+        num_points: M_g, boxes per image.
+        distribution: "uniform": every coordinate uniform in (0, 1) [paper]; "sigmoid_normal":
+            the sigmoid of a standard normal [code].
+        device, dtype: of the result.
+
+    Returns:
+        (B, M_g, 4) cxcywh boxes in (0, 1), relative to each image.
+    """
+    if distribution == "uniform":
+        boxes = torch.rand(batch_size, num_points, 4)
+    elif distribution == "sigmoid_normal":
+        boxes = torch.randn(batch_size, num_points, 4).sigmoid()
+    else:
+        raise ValueError(
+            f"KD.KD_DETR.GENERAL_DISTRIBUTION must be one of {DISTRIBUTIONS}, got {distribution!r}"
+        )
+    return boxes.to(device=device, dtype=dtype)
+
+
+@META_ARCH_REGISTRY.register()
+class KDDETRDistiller(Distiller):
+    """KD-DETR for a DETR teacher and a DETR student (any backbone, depth, width or number of
+    detection queries; the same classes)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        num_general_points: int = 300,
+        general_distribution: str = "uniform",
+        specific_points: bool = True,
+        specific_teacher_content: str = "zero",
+        foreground_weight: bool = True,
+        temperature: float = 10.0,
+        cls_weight: float = 1.0,
+        l1_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        normalize: str = "weight_sum",
+        student_layers: Sequence[int] = (),
+        teacher_layer: int = -1,
+        **kwargs,
+    ):
+        """
+        Args:
+            num_general_points: M_g, random boxes per image and iteration; 0: no general points.
+            general_distribution: "uniform" or "sigmoid_normal" (:func:`sample_general_points`).
+            specific_points: distil at the teacher's own query anchors.
+            specific_teacher_content: "zero" or "learned": the content query the teacher decodes
+                its anchors with (the student always uses zeros).
+            foreground_weight: weight each point by the teacher's top class probability.
+            temperature, cls_weight, l1_weight, giou_weight, normalize: of
+                :func:`kd.losses.kd_detr.kd_detr_loss`.
+            student_layers: student decoder layers distilled (negative from the end); empty: all.
+            teacher_layer: the teacher decoder layer whose answers are the targets.
+            kwargs: :class:`Distiller` arguments.
+        """
+        super().__init__(**kwargs)
+        for who, model in (("student", self.student), ("teacher", self.teacher)):
+            if not isinstance(model, DETR):
+                raise ValueError(
+                    f"KDDETRDistiller needs a DETR {who} (MODEL.META_ARCHITECTURE 'DETR'; for "
+                    f"other pairs see the heterogeneous distillers); got {type(model).__name__}"
+                )
+        if self.student.num_classes != self.teacher.num_classes:
+            raise ValueError(
+                f"teacher and student predict {self.teacher.num_classes} and "
+                f"{self.student.num_classes} classes; KD-DETR compares class scores one to one"
+            )
+        if num_general_points < 0:
+            raise ValueError(
+                f"KD.KD_DETR.NUM_GENERAL_POINTS must be >= 0, got {num_general_points}"
+            )
+        if general_distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"KD.KD_DETR.GENERAL_DISTRIBUTION must be one of {DISTRIBUTIONS}, got "
+                f"{general_distribution!r}"
+            )
+        if specific_teacher_content not in TEACHER_CONTENTS:
+            raise ValueError(
+                f"KD.KD_DETR.SPECIFIC_TEACHER_CONTENT must be one of {TEACHER_CONTENTS}, got "
+                f"{specific_teacher_content!r}"
+            )
+        self.num_general_points = num_general_points
+        self.general_distribution = general_distribution
+        self.specific_points = specific_points
+        self.specific_teacher_content = specific_teacher_content
+        self.loss_kwargs = dict(
+            temperature=temperature,
+            cls_weight=cls_weight,
+            l1_weight=l1_weight,
+            giou_weight=giou_weight,
+            foreground_weight=foreground_weight,
+            normalize=normalize,
+        )
+        self.student_layers = _resolve_layers(
+            student_layers, self.student.num_decoder_layers, "KD.KD_DETR.STUDENT_LAYERS", "student"
+        )
+        self.teacher_layer = _resolve_layers(
+            [teacher_layer], self.teacher.num_decoder_layers, "KD.KD_DETR.TEACHER_LAYER", "teacher"
+        )[0]
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> dict:
+        kwargs, _ = cls.build_pair(cfg)
+        k = cfg.KD.KD_DETR
+        kwargs.update(
+            num_general_points=k.NUM_GENERAL_POINTS,
+            general_distribution=k.GENERAL_DISTRIBUTION,
+            specific_points=k.SPECIFIC_POINTS,
+            specific_teacher_content=k.SPECIFIC_TEACHER_CONTENT,
+            foreground_weight=k.FOREGROUND_WEIGHT,
+            temperature=k.TEMPERATURE,
+            cls_weight=k.CLS_WEIGHT,
+            l1_weight=k.L1_WEIGHT,
+            giou_weight=k.GIOU_WEIGHT,
+            normalize=k.NORMALIZE,
+            student_layers=tuple(k.STUDENT_LAYERS),
+            teacher_layer=k.TEACHER_LAYER,
+        )
+        return kwargs
+
+    @property
+    def point_sets(self) -> Tuple[str, ...]:
+        """The enabled point sets, in decoding order."""
+        sets = []
+        if self.num_general_points > 0:
+            sets.append(GENERAL)
+        if self.specific_points:
+            sets.append(SPECIFIC)
+        return tuple(sets)
+
+    # ------------------------------------------------------------------ points and answers
+    def sample_points(self, t_encoded: DETREncoded) -> Dict[str, Tensor]:
+        """The distillation points of a batch: set name -> (B, M, 4) cxcywh anchors in [0, 1].
+
+        Args:
+            t_encoded: the teacher's encoding of the batch (specific points come from it).
+        """
+        points = {}
+        if self.num_general_points > 0:
+            points[GENERAL] = sample_general_points(
+                t_encoded.batch_size,
+                self.num_general_points,
+                self.general_distribution,
+                device=t_encoded.memory.device,
+                dtype=t_encoded.memory.dtype,
+            )
+        if self.specific_points:
+            # Learned anchors for DAB-style teachers, the selected encoder proposals for
+            # two-stage ones: whatever the teacher's own detection queries start from.
+            points[SPECIFIC] = self.teacher.detection_anchors(t_encoded)
+        return points
+
+    def teacher_answers(
+        self, batched_inputs: List[dict]
+    ) -> Tuple[Dict[str, Tensor], Dict[str, DecoderOutput]]:
+        """The teacher's encoding, the points, and its answers at them, without any graph.
+
+        Args:
+            batched_inputs: the batch as the distiller receives it.
+
+        Returns:
+            (points, answers): set name -> (B, M, 4) anchors, and set name -> the teacher's
+            :class:`DecoderOutput` (all its decoder layers).
+        """
+        teacher = self.teacher
+        # inference_mode is cheaper than no_grad; its tensors cannot enter autograd, so
+        # everything leaving it is cloned below.
+        with torch.inference_mode():
+            t_encoded = teacher.encode(self.teacher_inputs(batched_inputs))
+        # Drawn outside inference_mode, from the global RNG (see sample_general_points).
+        points = {k: v.clone() for k, v in self.sample_points(t_encoded).items()}
+        with torch.inference_mode():
+            groups = []
+            for name, anchors in points.items():
+                content = None
+                if name == SPECIFIC and self.specific_teacher_content == "learned":
+                    content = teacher.query_content.weight[None].expand(anchors.shape[0], -1, -1)
+                groups.append(QueryGroup(anchors=anchors, content=content))
+            outputs = teacher.decode_groups(t_encoded, groups)
+        answers = {
+            name: DecoderOutput(out.logits.clone(), out.boxes.clone(), out.hidden.clone())
+            for name, out in zip(points, outputs)
+        }
+        return points, answers
+
+    def student_answers(
+        self, encoded: DETREncoded, points: Dict[str, Tensor]
+    ) -> Dict[str, DecoderOutput]:
+        """The student's answers at the points: zero content, isolated groups.
+
+        Args:
+            encoded: the student's encoding of the batch.
+            points: set name -> (B, M, 4) anchors.
+        """
+        outputs = self.student.decode_groups(
+            encoded, [QueryGroup(anchors=a) for a in points.values()]
+        )
+        return dict(zip(points, outputs))
+
+    # ------------------------------------------------------------------ training
+    def forward_train(self, batched_inputs: List[dict]) -> Dict[str, Tensor]:
+        student = self.student
+        s_inputs = self.student_inputs(batched_inputs)
+        encoded = student.encode(s_inputs)
+        # The detection (and denoising) queries first, in their own decoder pass: exactly the
+        # student's own training step, its random draws (denoising noise) included.
+        losses = student.forward_encoded(encoded, s_inputs)
+        if not self.point_sets:
+            return losses
+        points, t_answers = self.teacher_answers(batched_inputs)
+        s_answers = self.student_answers(encoded, points)
+        losses.update(self.distillation_losses(s_answers, t_answers))
+        return losses
+
+    def distillation_losses(
+        self, student: Dict[str, DecoderOutput], teacher: Dict[str, DecoderOutput]
+    ) -> Dict[str, Tensor]:
+        """The KD-DETR loss over the point sets and the distilled student layers.
+
+        Args:
+            student: set name -> the student's answers (every decoder layer).
+            teacher: set name -> the teacher's answers at the same points.
+
+        Returns:
+            ``loss_kd_kd_detr_{cls,l1,giou}``: per set, the (weighted) mean over its points (the
+            loss's ``normalize``), summed over the sets and the distilled student layers.
+        """
+        totals: Dict[str, Tensor] = {}
+        for name, s_out in student.items():
+            t_logits = teacher[name].logits[self.teacher_layer]
+            t_boxes = teacher[name].boxes[self.teacher_layer]
+            for layer in self.student_layers:
+                terms = kd_detr_loss(
+                    s_out.logits[layer], s_out.boxes[layer], t_logits, t_boxes, **self.loss_kwargs
+                )
+                for term, value in terms.items():
+                    totals[term] = totals[term] + value if term in totals else value
+            _log_foreground_weight(name, t_logits)
+        return {PREFIX + term: totals[term] for term in TERMS}
+
+    # ------------------------------------------------------------------ inspection
+    @torch.no_grad()
+    def distillation_answers(self, batched_inputs: List[dict]) -> List[Dict[str, dict]]:
+        """Per image, each point set with the teacher's and the student's final answers at it.
+
+        Runs in the current mode (the student in eval mode uses its BatchNorm statistics). Boxes
+        are absolute xyxy in the coordinates of ``batched_inputs``' images.
+
+        Returns:
+            Per image, set name -> {"points", "teacher_boxes", "student_boxes": :class:`Boxes`;
+            "teacher_scores", "student_scores": (M,) top sigmoid class probability;
+            "teacher_classes", "student_classes": (M,) its class}.
+        """
+        encoded = self.student.encode(self.student_inputs(batched_inputs))
+        points, t_answers = self.teacher_answers(batched_inputs)
+        s_answers = self.student_answers(encoded, points)
+        sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        results: List[Dict[str, dict]] = [{} for _ in batched_inputs]
+        for name, anchors in points.items():
+            t_out, s_out = t_answers[name], s_answers[name]
+            t_scores, t_classes = t_out.logits[self.teacher_layer].sigmoid().max(-1)
+            s_scores, s_classes = s_out.pred_logits.sigmoid().max(-1)
+            boxes = {
+                "points": denormalize_boxes(anchors.clamp(0, 1), sizes),
+                "teacher_boxes": denormalize_boxes(t_out.boxes[self.teacher_layer], sizes),
+                "student_boxes": denormalize_boxes(s_out.pred_boxes, sizes),
+            }
+            for i in range(len(batched_inputs)):
+                entry = {k: Boxes(v[i]) for k, v in boxes.items()}
+                entry.update(
+                    teacher_scores=t_scores[i],
+                    teacher_classes=t_classes[i],
+                    student_scores=s_scores[i],
+                    student_classes=s_classes[i],
+                )
+                results[i][name] = entry
+        return results
+
+    def distillation_points(self, batched_inputs: List[dict]) -> List[Dict[str, Boxes]]:
+        """Per image, the named sets of boxes this distiller compares teacher and student at."""
+        return [
+            {f"{name} points": entry["points"] for name, entry in image.items()}
+            for image in self.distillation_answers(batched_inputs)
+        ]
+
+
+def _resolve_layers(layers: Sequence[int], num_layers: int, key: str, who: str) -> List[int]:
+    """Layer indices (negative from the end; empty: all) as sorted non-negative indices."""
+    if not layers:
+        return list(range(num_layers))
+    resolved = set()
+    for layer in layers:
+        if not -num_layers <= layer < num_layers:
+            raise ValueError(
+                f"{key}: layer {layer} does not exist; the {who} has {num_layers} decoder layers "
+                f"(indices 0..{num_layers - 1}, or negative from the end)"
+            )
+        resolved.add(layer % num_layers)
+    return sorted(resolved)
+
+
+def _log_foreground_weight(name: str, t_logits: Tensor) -> None:
+    # The mean teacher confidence at each set: how much of the set the foreground weight keeps.
+    try:
+        storage = get_event_storage()
+    except AssertionError:  # called outside a trainer (no event storage): nothing to log to
+        return
+    storage.put_scalar(
+        f"kd_detr/{name}_foreground_weight", t_logits.sigmoid().max(-1).values.mean().item()
+    )
