@@ -154,3 +154,24 @@ def build_cfg(config_file: str, opts: List[str]):
     cfg.merge_from_list(opts)
     cfg.freeze()
     return cfg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on a 2-core machine shared with other jobs, two OpenMP
+    threads spin-wait on each other and small models run 5-25x slower; restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def event_storage():
+    """detectron2's heads log statistics during training and need a storage to log to."""
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0) as storage:
+        yield storage

@@ -5,16 +5,10 @@ import copy
 import pytest
 import torch
 from conftest import build_cfg, kd_opts
-from detectron2.utils.events import EventStorage
+
+pytestmark = pytest.mark.usefixtures("event_storage")
 
 KD_CONFIG = "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml"
-
-
-@pytest.fixture(autouse=True)
-def event_storage():
-    # detectron2's heads log statistics during training and need a storage to log to.
-    with EventStorage(0) as storage:
-        yield storage
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,7 @@ import kd  # noqa: F401  (registers the DETR meta-architecture)
 from kd import compat
 from kd.modeling.detr import QueryGroup, add_detr_config, denormalize_boxes, normalize_boxes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a 2-core machine shared with other jobs, two OpenMP threads spin-wait on each other and
-    # these small models run 5-25x slower than on one thread; restored after the module.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SWITCHES = {

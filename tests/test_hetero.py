@@ -28,6 +28,8 @@ from kd.probes import (
     random_points,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread", "event_storage")
+
 DETR_TO_RCNN = "configs/kd_shapes/hetero_detr_to_faster_rcnn.yaml"
 RCNN_TO_DETR = "configs/kd_shapes/hetero_faster_rcnn_to_detr.yaml"
 TERMS = ("cls", "l1", "giou")
@@ -57,23 +59,6 @@ TINY_DETR = [
 ]  # fmt: skip
 # Few random points keep the tiny runs fast.
 FEW_POINTS = ["KD.HETERO.DETR_STUDENT.NUM_RANDOM_POINTS", "6"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared 2-core machine run these tiny models many times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def event_storage():
-    from detectron2.utils.events import EventStorage
-
-    with EventStorage(0) as storage:
-        yield storage
 
 
 def _save_teacher(out, config_file, opts, seed):

@@ -15,6 +15,8 @@ from kd.losses.kd_detr import kd_detr_loss, paired_giou_loss
 from kd.meta_arch.kd_detr import GENERAL, SPECIFIC, KDDETRDistiller
 from kd.modeling.detr import DecoderOutput
 
+pytestmark = pytest.mark.usefixtures("one_thread", "event_storage")
+
 KD_CONFIG = "configs/kd_shapes/detr_kd_detr.yaml"
 NUM_GENERAL = 7
 
@@ -42,23 +44,6 @@ TINY = [
 # The student differs from the teacher in depth and number of queries.
 STUDENT = ["MODEL.DETR.DEC_LAYERS", "2", "MODEL.DETR.NUM_QUERIES", "8"]
 TEACHER = ["MODEL.DETR.DEC_LAYERS", "3", "MODEL.DETR.NUM_QUERIES", "10"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared 2-core machine run these tiny models many times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def event_storage():
-    from detectron2.utils.events import EventStorage
-
-    with EventStorage(0) as storage:
-        yield storage
 
 
 @pytest.fixture(scope="module")
