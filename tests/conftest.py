@@ -48,6 +48,30 @@ TINY_RCNN_OPTS = [
 # fmt: on
 
 
+# Tiny two-stage DETRs with denoising (the kd_shapes family) on 64 px images; callers add
+# MODEL.DETR.DEC_LAYERS and NUM_QUERIES.
+TINY_DETR_OPTS = [
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.DETR.HIDDEN_DIM", "32",
+    "MODEL.DETR.NHEADS", "4",
+    "MODEL.DETR.DIM_FEEDFORWARD", "64",
+    "MODEL.DETR.ENC_LAYERS", "1",
+    "MODEL.DETR.DENOISING.MAX_QUERIES", "12",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "64",
+    "DATASETS.TRAIN", f"('{TINY_DATASET}_train',)",
+    "DATASETS.TEST", f"('{TINY_DATASET}_val',)",
+    "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.WARMUP_ITERS", "0",
+    "SOLVER.STEPS", "()",
+    "SOLVER.MAX_ITER", "2",
+    "SEED", "7",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def datasets_root(tmp_path_factory) -> Path:
     """A tiny kd_shapes-like dataset (16 train / 6 val, 64 px), registered as kdtest_*."""

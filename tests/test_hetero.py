@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_DATASET, TINY_RCNN_OPTS, build_cfg, run_train_net
+from conftest import TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, run_train_net
 from detectron2.modeling import build_model
 
 from kd.losses.class_space import (
@@ -35,28 +35,7 @@ RCNN_TO_DETR = "configs/kd_shapes/hetero_faster_rcnn_to_detr.yaml"
 TERMS = ("cls", "l1", "giou")
 
 # Tiny two-stage DETRs with denoising (the kd_shapes family) on 64 px images.
-TINY_DETR = [
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.DETR.HIDDEN_DIM", "32",
-    "MODEL.DETR.NHEADS", "4",
-    "MODEL.DETR.DIM_FEEDFORWARD", "64",
-    "MODEL.DETR.ENC_LAYERS", "1",
-    "MODEL.DETR.DEC_LAYERS", "2",
-    "MODEL.DETR.NUM_QUERIES", "8",
-    "MODEL.DETR.DENOISING.MAX_QUERIES", "12",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)",
-    "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "64",
-    "DATASETS.TRAIN", f"('{TINY_DATASET}_train',)",
-    "DATASETS.TEST", f"('{TINY_DATASET}_val',)",
-    "DATALOADER.NUM_WORKERS", "0",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.WARMUP_ITERS", "0",
-    "SOLVER.STEPS", "()",
-    "SOLVER.MAX_ITER", "2",
-    "SEED", "7",
-]  # fmt: skip
+TINY_DETR = [*TINY_DETR_OPTS, "MODEL.DETR.DEC_LAYERS", "2", "MODEL.DETR.NUM_QUERIES", "8"]
 # Few random points keep the tiny runs fast.
 FEW_POINTS = ["KD.HETERO.DETR_STUDENT.NUM_RANDOM_POINTS", "6"]
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, TINY_DATASET, build_cfg, run_train_net
+from conftest import REPO, TINY_DETR_OPTS, build_cfg, run_train_net
 
 from kd.losses.kd_detr import kd_detr_loss, paired_giou_loss
 from kd.meta_arch.kd_detr import GENERAL, SPECIFIC, KDDETRDistiller
@@ -21,26 +21,7 @@ KD_CONFIG = "configs/kd_shapes/detr_kd_detr.yaml"
 NUM_GENERAL = 7
 
 # Tiny two-stage DETRs with denoising (the kd_shapes family) on 64 px images.
-TINY = [
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.DETR.HIDDEN_DIM", "32",
-    "MODEL.DETR.NHEADS", "4",
-    "MODEL.DETR.DIM_FEEDFORWARD", "64",
-    "MODEL.DETR.ENC_LAYERS", "1",
-    "MODEL.DETR.DENOISING.MAX_QUERIES", "12",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)",
-    "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "64",
-    "DATASETS.TRAIN", f"('{TINY_DATASET}_train',)",
-    "DATASETS.TEST", f"('{TINY_DATASET}_val',)",
-    "DATALOADER.NUM_WORKERS", "0",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.WARMUP_ITERS", "0",
-    "SOLVER.STEPS", "()",
-    "SOLVER.MAX_ITER", "2",
-    "SEED", "7",
-]  # fmt: skip
+TINY = TINY_DETR_OPTS
 # The student differs from the teacher in depth and number of queries.
 STUDENT = ["MODEL.DETR.DEC_LAYERS", "2", "MODEL.DETR.NUM_QUERIES", "8"]
 TEACHER = ["MODEL.DETR.DEC_LAYERS", "3", "MODEL.DETR.NUM_QUERIES", "10"]
