@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, run_train_net
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes
 
 from kd.losses.class_space import (
     convert_class_logits,
@@ -18,7 +19,7 @@ from kd.losses.class_space import (
     softmax_logits_of,
     softmax_to_sigmoid_probs,
 )
-from kd.modeling.detr import QueryGroup, normalize_boxes
+from kd.modeling.detr import QueryGroup, denormalize_boxes, normalize_boxes
 from kd.probes import (
     ProbeAnswer,
     clip_points,
@@ -343,6 +344,73 @@ def test_rcnn_to_detr_losses_student_unchanged_teacher_frozen(rcnn_teacher, tmp_
     with torch.no_grad():
         a, b = model(inputs), model.student(inputs)
     assert torch.equal(a[0]["instances"].scores, b[0]["instances"].scores)
+
+
+def test_detr_to_rcnn_point_decoding(detr_teacher, tmp_path, batch):
+    """tools/benchmark_kd.py's hook: the closure decodes the KD step's points (the student's
+    sampled proposals, then random boxes) with the teacher, and runs the student's box head at
+    the random points only (its own training step already ran it at the proposals)."""
+    model = detr_to_rcnn(
+        detr_teacher, tmp_path, "KD.HETERO.RCNN_STUDENT.NUM_RANDOM_POINTS", "5"
+    ).train()
+    torch.manual_seed(5)
+    decode = model.prepare_point_decoding(batch)
+    assert callable(decode)
+    with torch.no_grad():
+        points, valid, teacher, student = decode()
+    b, m, _ = points.shape
+    assert b == 2 and valid.shape == (2, m) and valid[:, -5:].all()
+    assert teacher.logits.shape == (1, 2, m, 7) and student.logits.shape == (1, 2, 5, 8)
+    # The same points as a KD step from the same RNG state.
+    probed = []
+    probe = model._teacher_probe
+
+    def recording(encoded, at):
+        probed.append(at)
+        return probe(encoded, at)
+
+    model._teacher_probe = recording
+    torch.manual_seed(5)
+    model(batch)
+    torch.testing.assert_close(probed[0], points)
+    # The teacher's answer: its decoding of the points as one isolated group (DETR_ISOLATION).
+    with torch.no_grad():
+        encoded = model.teacher.encode(model.teacher_inputs(batch))
+        expected = model.teacher.decode_groups(encoded, [QueryGroup(points)])[0]
+    torch.testing.assert_close(teacher.logits[0], expected.logits[-1])
+    torch.testing.assert_close(teacher.boxes[0, ..., 0, :], expected.boxes[-1])
+
+
+def test_rcnn_to_detr_point_decoding(rcnn_teacher, tmp_path, batch):
+    """tools/benchmark_kd.py's hook: the student decodes its point sets and the teacher's box
+    head answers at them, as in the KD step (checked against the box head by hand)."""
+    model = rcnn_to_detr(rcnn_teacher, tmp_path).train()
+    decode = model.prepare_point_decoding(batch)
+    assert callable(decode)
+    with torch.no_grad():
+        sets, teacher, student = decode()
+    # 6 random boxes and the student's 8 detection anchors per image.
+    assert [tuple(s.shape) for s in sets] == [(2, 6, 4), (2, 8, 4)]
+    assert teacher.logits.shape == (1, 2, 14, 8)
+    assert [tuple(a.logits.shape) for a in student] == [(2, 2, 6, 7), (2, 2, 8, 7)]
+    with torch.no_grad():
+        s_encoded = model.student.encode(model.student_inputs(batch))
+        images = model.teacher.preprocess_image(model.teacher_inputs(batch))
+        features = model.teacher.backbone(images.tensor)
+        roi = model.teacher.roi_heads
+        absolute = denormalize_boxes(torch.cat(sets, 1), images.image_sizes)
+        pooled = roi.box_pooler(
+            [features[f] for f in roi.box_in_features], [Boxes(x) for x in absolute]
+        )
+        scores, _ = roi.box_predictor(roi.box_head(pooled))
+        # DETR_ISOLATION "point": each point decoded alone, as a group of one.
+        alone = model.student.decode_groups(
+            s_encoded, [QueryGroup(sets[0][:, j : j + 1]) for j in range(6)]
+        )
+    torch.testing.assert_close(sets[1], clip_points(s_encoded.anchors))
+    torch.testing.assert_close(teacher.logits[0].flatten(0, 1), scores)
+    torch.testing.assert_close(student[0].logits, torch.cat([o.logits for o in alone], 2))
+    torch.testing.assert_close(student[0].boxes[..., 0, :], torch.cat([o.boxes for o in alone], 2))
 
 
 def test_wrong_family_is_refused(detr_teacher, rcnn_teacher, tmp_path):

@@ -370,3 +370,49 @@ def test_visualize_points_answers_mode(teacher, tmp_path):
     for stats in totals.values():
         assert 0 <= stats["answer_iou"] <= 1 and 0 <= stats["teacher_score"] <= 1
     assert json.loads((out / "summary.json").read_text())["answers"] == totals
+
+
+def test_prepare_point_decoding_decodes_the_kd_step_points(teacher, tmp_path, batch):
+    """tools/benchmark_kd.py's hook: the closure decodes the points with both models as the KD
+    step does (checked against decoding them directly), encodes nothing and can run again."""
+    from kd.modeling.detr import QueryGroup
+
+    model = build(teacher, tmp_path, "KD.KD_DETR.SPECIFIC_TEACHER_CONTENT", "learned")
+    decode = model.prepare_point_decoding(batch)
+    assert callable(decode)
+    encodes, t_calls = [], []
+    record(model.teacher, "encode", encodes)
+    record(model.student, "encode", encodes)
+    record(model.teacher, "decode_groups", t_calls)
+    with torch.no_grad():
+        points, t_out, s_out = decode()
+    assert not encodes, "the encoders are the student's and the teacher's phases' to time"
+    assert len(t_calls) == 1 and t_calls[0][0][1][1].content is not None  # the KD step's groups
+    assert list(points) == list(t_out) == list(s_out) == [GENERAL, SPECIFIC]
+    assert points[GENERAL].shape == (2, NUM_GENERAL, 4) and points[SPECIFIC].shape == (2, 10, 4)
+
+    with torch.no_grad():
+        t_encoded = model.teacher.encode(model.teacher_inputs(batch))
+        content = model.teacher.query_content.weight[None].expand(2, -1, -1)
+        t_expected = model.teacher.decode_groups(
+            t_encoded,
+            [QueryGroup(points[GENERAL]), QueryGroup(points[SPECIFIC], content)],
+        )
+        s_encoded = model.student.encode(model.student_inputs(batch))
+        s_expected = model.student.decode_groups(
+            s_encoded, [QueryGroup(points[GENERAL]), QueryGroup(points[SPECIFIC])]
+        )
+    assert torch.equal(points[SPECIFIC], t_encoded.anchors)
+    for name, t_exp, s_exp in zip(points, t_expected, s_expected):
+        m = points[name].shape[1]
+        assert t_out[name].logits.shape[:3] == (3, 2, m)  # every teacher layer
+        assert s_out[name].logits.shape[:3] == (2, 2, m)  # every student layer
+        assert not s_out[name].logits.requires_grad
+        torch.testing.assert_close(t_out[name].logits, t_exp.logits)
+        torch.testing.assert_close(t_out[name].boxes, t_exp.boxes)
+        torch.testing.assert_close(s_out[name].logits, s_exp.logits)
+        torch.testing.assert_close(s_out[name].boxes, s_exp.boxes)
+    # The benchmark calls each closure once per round.
+    with torch.no_grad():
+        again = decode()
+    assert torch.equal(again[1][GENERAL].logits, t_out[GENERAL].logits)

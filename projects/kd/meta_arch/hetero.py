@@ -25,7 +25,7 @@ The student keeps all its own losses unchanged; the distillation terms are added
 low-resolution student (``KD.STUDENT.INPUT_SCALE``) needs no extra mapping.
 """
 
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode, configurable
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from kd.losses.class_space import BACKGROUND_MODES, convert_class_logits
 from kd.losses.kd_detr import kd_detr_loss
 from kd.meta_arch.base import Distiller, gt_instances_of
-from kd.modeling.detr import DETR, normalize_boxes
+from kd.modeling.detr import DETR, DETREncoded, normalize_boxes
 from kd.probes import (
     DETR_CONTENTS,
     DETR_ISOLATIONS,
@@ -256,15 +256,31 @@ class DETRToRCNNDistiller(_HeteroDistiller):
         )
         return kwargs
 
-    def forward_train(self, batched_inputs: List[dict]) -> Dict[str, Tensor]:
+    def _student_sample(
+        self, s_inputs: List[dict]
+    ) -> Tuple[ImageList, Dict[str, Tensor], List[Instances], Dict[str, Tensor]]:
+        """The student's training step up to its box head: backbone, RPN, ROI sampling.
+
+        Args:
+            s_inputs: the batch as the student sees it (:meth:`student_inputs`).
+
+        Returns:
+            (images, features, sampled proposals, RPN losses).
+        """
         student = self.student
-        s_inputs = self.student_inputs(batched_inputs)
         images = student.preprocess_image(s_inputs)
         gt_instances = gt_instances_of(s_inputs, self.device)
         features = student.backbone(images.tensor)
         proposals, losses = student.proposal_generator(images, features, gt_instances)
+        sampled = student.roi_heads.label_and_sample_proposals(proposals, gt_instances)
+        return images, features, sampled, losses
+
+    def forward_train(self, batched_inputs: List[dict]) -> Dict[str, Tensor]:
+        student = self.student
+        images, features, sampled, losses = self._student_sample(
+            self.student_inputs(batched_inputs)
+        )
         roi = student.roi_heads
-        sampled = roi.label_and_sample_proposals(proposals, gt_instances)
         scores, deltas = rcnn_box_predictions(
             student, features, [p.proposal_boxes for p in sampled]
         )
@@ -274,25 +290,54 @@ class DETRToRCNNDistiller(_HeteroDistiller):
         losses.update(self._distill(batched_inputs, images, features, sampled, scores, deltas))
         return losses
 
-    def _student_answers(
-        self,
-        images: ImageList,
-        features: Dict[str, Tensor],
-        sampled: List[Instances],
-        scores: Tensor,
-        deltas: Tensor,
-    ) -> Tuple[Tensor, Tensor, ProbeAnswer]:
-        """Points and the student's answers there: (points (B, M, 4), valid (B, M), answer)."""
-        sizes = images.image_sizes
-        parts: List[ProbeAnswer] = []
+    def _points(
+        self, sampled: List[Instances], sizes: List[Tuple[int, int]]
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The distillation points of this step: the sampled proposals, then random boxes.
+
+        Args:
+            sampled: the student's sampled proposals, per image.
+            sizes: the student's input image sizes.
+
+        Returns:
+            (points, valid, random): (B, M, 4) all points, (B, M) True on real ones (the
+            proposals are padded per image), and the (B, R, 4) random points (the last R of
+            ``points``) or None.
+        """
         point_parts, valid_parts = [], []
         if self.proposal_points:
             boxes = [p.proposal_boxes.tensor for p in sampled]
             points, valid = pad_points(
                 [normalize_boxes(b[None], [size])[0] for b, size in zip(boxes, sizes)]
             )
+            point_parts.append(points)
+            valid_parts.append(valid)
+        random = None
+        if self.num_random_points > 0:
+            random = random_points(
+                len(sizes), self.num_random_points, mode=self.random_boxes, device=self.device
+            )
+            point_parts.append(random)
+            valid_parts.append(torch.ones(random.shape[:2], dtype=torch.bool, device=self.device))
+        return torch.cat(point_parts, 1), torch.cat(valid_parts, 1), random
+
+    def _student_answers(
+        self,
+        sizes: List[Tuple[int, int]],
+        features: Dict[str, Tensor],
+        sampled: List[Instances],
+        scores: Tensor,
+        deltas: Tensor,
+        valid: Tensor,
+        random: Optional[Tensor],
+    ) -> ProbeAnswer:
+        """The student's answers at the points of :meth:`_points` (same layout)."""
+        parts: List[ProbeAnswer] = []
+        if self.proposal_points:
             # The box head already ran on exactly these boxes: its outputs are the probe's answer,
             # laid out in the padded (B, M) grid (valid entries are image-major, like the rows).
+            boxes = [p.proposal_boxes.tensor for p in sampled]
+            valid = valid[:, : valid.shape[1] - (0 if random is None else random.shape[1])]
             b, m = valid.shape
             logits = scores.new_zeros(b, m, scores.shape[-1])
             logits[valid] = scores
@@ -304,21 +349,20 @@ class DETRToRCNNDistiller(_HeteroDistiller):
                 b, m, r, 4
             )
             parts.append(ProbeAnswer(logits[None], normed[None], "softmax"))
-            point_parts.append(points)
-            valid_parts.append(valid)
-        if self.num_random_points > 0:
-            points = random_points(
-                len(sizes), self.num_random_points, mode=self.random_boxes, device=self.device
-            )
-            parts.append(probe_rcnn(self.student, features, sizes, points))
-            point_parts.append(points)
-            valid_parts.append(torch.ones(points.shape[:2], dtype=torch.bool, device=self.device))
-        answer = ProbeAnswer(
+        if random is not None:
+            parts.append(probe_rcnn(self.student, features, sizes, random))
+        return ProbeAnswer(
             torch.cat([p.logits for p in parts], 2),
             torch.cat([p.boxes for p in parts], 2),
             "softmax",
         )
-        return torch.cat(point_parts, 1), torch.cat(valid_parts, 1), answer
+
+    @torch.no_grad()
+    def _teacher_probe(self, encoded: DETREncoded, points: Tensor) -> ProbeAnswer:
+        """The teacher's final-layer answers at the points: its decoding of them as anchors."""
+        return probe_detr(
+            self.teacher, encoded, points, content=self.detr_content, isolation=self.detr_isolation
+        ).last()
 
     def _distill(
         self,
@@ -329,17 +373,13 @@ class DETRToRCNNDistiller(_HeteroDistiller):
         scores: Tensor,
         deltas: Tensor,
     ) -> Dict[str, Tensor]:
-        points, valid, student = self._student_answers(images, features, sampled, scores, deltas)
+        sizes = images.image_sizes
+        points, valid, random = self._points(sampled, sizes)
+        student = self._student_answers(sizes, features, sampled, scores, deltas, valid, random)
         with torch.no_grad():
             encoded = self.teacher.encode(self.teacher_inputs(batched_inputs))
-            teacher = probe_detr(
-                self.teacher,
-                encoded,
-                points,
-                content=self.detr_content,
-                isolation=self.detr_isolation,
-            ).last()
-            t_top = teacher.foreground_probs()[-1].argmax(dim=-1)
+        teacher = self._teacher_probe(encoded, points)
+        t_top = teacher.foreground_probs()[-1].argmax(dim=-1)
         t_boxes = teacher.class_boxes()[-1][valid]
         s_boxes = student.class_boxes(t_top)[-1][valid]
         s_logits = student.logits[-1][valid]
@@ -353,6 +393,42 @@ class DETRToRCNNDistiller(_HeteroDistiller):
             t_logits = teacher.logits[-1][valid]
             terms = self._loss(s_logits[:, :-1], s_boxes, t_logits, t_boxes, "sigmoid", False)
         return self._named(terms)
+
+    def prepare_point_decoding(
+        self, batched_inputs: List[dict]
+    ) -> Callable[[], Tuple[Tensor, Tensor, ProbeAnswer, Optional[ProbeAnswer]]]:
+        """The extra decoding of a KD step, ready to be timed alone (``tools/benchmark_kd.py``).
+
+        Done here, untimed and without any graph, is what a student training step and a teacher
+        inference forward already do: the student's backbone, RPN and ROI sampling (in training
+        mode, as the KD step runs them), the points, and the teacher's encoding.
+
+        The student's box head at its sampled proposals is part of its own training step (its box
+        losses use the very outputs the distillation reads), so at the proposal points only the
+        teacher's decoding is extra; at random points (``NUM_RANDOM_POINTS``) the student's box
+        head runs in addition.
+
+        Args:
+            batched_inputs: the batch as the distiller receives it.
+
+        Returns:
+            A closure, callable any number of times, that decodes the points as the KD step does,
+            without any loss, and returns (points (B, M, 4), valid (B, M), the teacher's final
+            answer at them, the student's answer at the random points or None).
+        """
+        with torch.no_grad():
+            images, features, sampled, _ = self._student_sample(self.student_inputs(batched_inputs))
+            points, valid, random = self._points(sampled, images.image_sizes)
+            encoded = self.teacher.encode(self.teacher_inputs(batched_inputs))
+
+        def decode() -> Tuple[Tensor, Tensor, ProbeAnswer, Optional[ProbeAnswer]]:
+            teacher = self._teacher_probe(encoded, points)
+            student = None
+            if random is not None:
+                student = probe_rcnn(self.student, features, images.image_sizes, random)
+            return points, valid, teacher, student
+
+        return decode
 
 
 @META_ARCH_REGISTRY.register()
@@ -430,22 +506,37 @@ class RCNNToDETRDistiller(_HeteroDistiller):
             sets.append(clip_points(self.student.detection_anchors(encoded).detach()))
         return sets
 
+    def _student_probes(self, encoded: DETREncoded, sets: List[Tensor]) -> List[ProbeAnswer]:
+        """The student's answers at each point set (every decoder layer), one pass per set."""
+        return [
+            probe_detr(
+                self.student, encoded, p, content=self.detr_content, isolation=self.detr_isolation
+            )
+            for p in sets
+        ]
+
+    @torch.no_grad()
+    def _teacher_features(self, batched_inputs: List[dict]) -> Tuple[ImageList, Dict[str, Tensor]]:
+        """The teacher's images and backbone features (its inference forward computes them too)."""
+        images = self.teacher_images(batched_inputs)
+        return images, self.teacher.backbone(images.tensor)
+
+    @torch.no_grad()
+    def _teacher_probe(
+        self, images: ImageList, features: Dict[str, Tensor], sets: List[Tensor]
+    ) -> ProbeAnswer:
+        """The teacher's box head at all the point sets, concatenated along the points."""
+        return probe_rcnn(self.teacher, features, images.image_sizes, torch.cat(sets, 1))
+
     def forward_train(self, batched_inputs: List[dict]) -> Dict[str, Tensor]:
         student = self.student
         s_inputs = self.student_inputs(batched_inputs)
         encoded = student.encode(s_inputs)
         losses = student.forward_encoded(encoded, s_inputs)
         sets = self.point_sets(encoded)
-        answers = [
-            probe_detr(
-                student, encoded, p, content=self.detr_content, isolation=self.detr_isolation
-            )
-            for p in sets
-        ]
+        answers = self._student_probes(encoded, sets)
+        teacher = self._teacher_probe(*self._teacher_features(batched_inputs), sets)
         with torch.no_grad():
-            images = self.teacher_images(batched_inputs)
-            t_features = self.teacher.backbone(images.tensor)
-            teacher = probe_rcnn(self.teacher, t_features, images.image_sizes, torch.cat(sets, 1))
             # The teacher's box for its own top class; its softmax as K sigmoids.
             t_boxes = teacher.class_boxes()[-1]
             t_logits = convert_class_logits(teacher.logits[-1], "softmax", "sigmoid")
@@ -468,3 +559,36 @@ class RCNNToDETRDistiller(_HeteroDistiller):
             start = end
         losses.update(self._named(totals))
         return losses
+
+    def prepare_point_decoding(
+        self, batched_inputs: List[dict]
+    ) -> Callable[[], Tuple[List[Tensor], ProbeAnswer, List[ProbeAnswer]]]:
+        """The extra decoding of a KD step, ready to be timed alone (``tools/benchmark_kd.py``).
+
+        Done here, untimed and without any graph, is what a student training step and a teacher
+        inference forward already do: the student's encoding (in its current mode), the points,
+        and the teacher's backbone features. The student's detection queries are decoded in their
+        own pass, so its decoding of the point sets is all extra, as is the teacher's box head at
+        the points (its inference forward runs the box head at its own proposals instead).
+
+        Args:
+            batched_inputs: the batch as the distiller receives it.
+
+        Returns:
+            A closure, callable any number of times, that decodes the points as the KD step does,
+            without any loss, and returns (the point sets, the teacher's answer at all of them
+            concatenated, the student's answers per set).
+        """
+        with torch.no_grad():
+            encoded = self.student.encode(self.student_inputs(batched_inputs))
+            sets = self.point_sets(encoded)
+        images, features = self._teacher_features(batched_inputs)
+
+        def decode() -> Tuple[List[Tensor], ProbeAnswer, List[ProbeAnswer]]:
+            return (
+                sets,
+                self._teacher_probe(images, features, sets),
+                self._student_probes(encoded, sets),
+            )
+
+        return decode

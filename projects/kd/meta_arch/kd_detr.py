@@ -24,7 +24,7 @@ the point sets (each set a mean over its points, by default weighted by the fore
 """
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode, configurable
@@ -47,6 +47,9 @@ DISTRIBUTIONS = ("uniform", "sigmoid_normal")
 TEACHER_CONTENTS = ("zero", "learned")
 
 logger = logging.getLogger(__name__)
+
+# (points, teacher answers, student answers), each by set name: what a point decoding returns.
+PointDecoding = Tuple[Dict[str, Tensor], Dict[str, DecoderOutput], Dict[str, DecoderOutput]]
 
 
 def sample_general_points(
@@ -218,6 +221,59 @@ class KDDETRDistiller(Distiller):
             points[SPECIFIC] = self.teacher.detection_anchors(t_encoded)
         return points
 
+    def teacher_points(self, batched_inputs: List[dict]) -> Tuple[DETREncoded, Dict[str, Tensor]]:
+        """The teacher's encoding of the batch and the distillation points, without any graph.
+
+        Args:
+            batched_inputs: the batch as the distiller receives it.
+
+        Returns:
+            (t_encoded, points): the teacher's :class:`DETREncoded` (inference tensors), and set
+            name -> (B, M, 4) anchors (ordinary tensors, usable with autograd).
+        """
+        # inference_mode is cheaper than no_grad; its tensors cannot enter autograd, so
+        # everything leaving it for the student's graph is cloned.
+        with torch.inference_mode():
+            t_encoded = self.teacher.encode(self.teacher_inputs(batched_inputs))
+        # Drawn outside inference_mode, from the global RNG (see sample_general_points).
+        points = {k: v.clone() for k, v in self.sample_points(t_encoded).items()}
+        return t_encoded, points
+
+    def teacher_groups(self, points: Dict[str, Tensor]) -> List[QueryGroup]:
+        """The query groups the teacher decodes the points as, one per set.
+
+        Args:
+            points: set name -> (B, M, 4) anchors.
+        """
+        groups = []
+        for name, anchors in points.items():
+            content = None
+            if name == SPECIFIC and self.specific_teacher_content == "learned":
+                content = self.teacher.query_content.weight[None].expand(anchors.shape[0], -1, -1)
+            groups.append(QueryGroup(anchors=anchors, content=content))
+        return groups
+
+    def teacher_decode(
+        self, t_encoded: DETREncoded, points: Dict[str, Tensor]
+    ) -> Dict[str, DecoderOutput]:
+        """The teacher's answers at the points, without any graph.
+
+        Args:
+            t_encoded: from :meth:`teacher_points`.
+            points: set name -> (B, M, 4) anchors.
+
+        Returns:
+            set name -> the teacher's :class:`DecoderOutput` (all its decoder layers); ``hidden``
+            is left an inference tensor (read-only, outside autograd).
+        """
+        with torch.inference_mode():
+            outputs = self.teacher.decode_groups(t_encoded, self.teacher_groups(points))
+        # Ordinary tensors for the loss; the hidden states are not compared, so not copied.
+        return {
+            name: DecoderOutput(out.logits.clone(), out.boxes.clone(), out.hidden)
+            for name, out in zip(points, outputs)
+        }
+
     def teacher_answers(
         self, batched_inputs: List[dict]
     ) -> Tuple[Dict[str, Tensor], Dict[str, DecoderOutput]]:
@@ -230,26 +286,8 @@ class KDDETRDistiller(Distiller):
             (points, answers): set name -> (B, M, 4) anchors, and set name -> the teacher's
             :class:`DecoderOutput` (all its decoder layers).
         """
-        teacher = self.teacher
-        # inference_mode is cheaper than no_grad; its tensors cannot enter autograd, so
-        # everything leaving it is cloned below.
-        with torch.inference_mode():
-            t_encoded = teacher.encode(self.teacher_inputs(batched_inputs))
-        # Drawn outside inference_mode, from the global RNG (see sample_general_points).
-        points = {k: v.clone() for k, v in self.sample_points(t_encoded).items()}
-        with torch.inference_mode():
-            groups = []
-            for name, anchors in points.items():
-                content = None
-                if name == SPECIFIC and self.specific_teacher_content == "learned":
-                    content = teacher.query_content.weight[None].expand(anchors.shape[0], -1, -1)
-                groups.append(QueryGroup(anchors=anchors, content=content))
-            outputs = teacher.decode_groups(t_encoded, groups)
-        answers = {
-            name: DecoderOutput(out.logits.clone(), out.boxes.clone(), out.hidden.clone())
-            for name, out in zip(points, outputs)
-        }
-        return points, answers
+        t_encoded, points = self.teacher_points(batched_inputs)
+        return points, self.teacher_decode(t_encoded, points)
 
     def student_answers(
         self, encoded: DETREncoded, points: Dict[str, Tensor]
@@ -279,6 +317,36 @@ class KDDETRDistiller(Distiller):
         s_answers = self.student_answers(encoded, points)
         losses.update(self.distillation_losses(s_answers, t_answers))
         return losses
+
+    def prepare_point_decoding(self, batched_inputs: List[dict]) -> Callable[[], PointDecoding]:
+        """The extra decoding of a KD step, ready to be timed alone (``tools/benchmark_kd.py``).
+
+        Everything the decoding needs that a student training step and a teacher inference
+        forward already do is done here, untimed and without any graph: both models' encodings
+        (the student's in its current mode) and the points. The student's detection queries are
+        decoded in their own pass in :meth:`forward_train`, so the point groups are entirely
+        extra decoding, for both models.
+
+        Args:
+            batched_inputs: the batch as the distiller receives it.
+
+        Returns:
+            A closure, callable any number of times (under ``torch.no_grad()`` in the benchmark),
+            that decodes the points as :meth:`forward_train` does, teacher then student, without
+            any loss, and returns (points, teacher answers, student answers), each by set name.
+        """
+        with torch.no_grad():
+            encoded = self.student.encode(self.student_inputs(batched_inputs))
+        t_encoded, points = self.teacher_points(batched_inputs)
+
+        def decode() -> PointDecoding:
+            return (
+                points,
+                self.teacher_decode(t_encoded, points),
+                self.student_answers(encoded, points),
+            )
+
+        return decode
 
     def distillation_losses(
         self, student: Dict[str, DecoderOutput], teacher: Dict[str, DecoderOutput]
