@@ -4,7 +4,7 @@ import importlib.util
 import json
 import math
 
-from conftest import REPO, TINY_RCNN_OPTS
+from conftest import REPO, TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg
 
 
 def _load(name):
@@ -90,3 +90,33 @@ def test_benchmark_kd_reports_overhead(datasets_root):
     assert math.isclose(row["floor"], t["student"] + t["teacher"])
     assert math.isclose(row["overhead"], t["kd"] / row["floor"])
     assert set(row["peak_memory_mb"]) == {"student", "teacher", "kd"}
+
+
+def test_benchmark_kd_times_the_point_decoding(datasets_root, tmp_path):
+    """A distiller with ``prepare_point_decoding`` (KD-DETR) gets a ``points`` phase, counted in
+    the floor."""
+    bk = _load("benchmark_kd")
+    # A tiny random teacher (the tool saves one when the weights file does not exist).
+    teacher = tmp_path / "teacher.yaml"
+    tiny = [*TINY_DETR_OPTS, "MODEL.DETR.NUM_QUERIES", "10"]
+    teacher.write_text(build_cfg("configs/kd_shapes/detr_teacher.yaml", tiny).dump())
+    out = tmp_path / "bench.json"
+    bk.main(
+        [
+            "--configs", "configs/kd_shapes/detr_kd_detr.yaml",
+            "--iters", "1",
+            "--repeats", "1",
+            "--json", str(out),
+            *tiny,
+            "MODEL.DETR.DEC_LAYERS", "2",
+            "KD.TEACHER.CONFIG_FILE", str(teacher),
+            "KD.TEACHER.WEIGHTS", str(tmp_path / "missing.pth"),
+            "KD.KD_DETR.NUM_GENERAL_POINTS", "5",
+        ]
+    )  # fmt: skip
+    row = json.loads(out.read_text())["rows"][0]
+    t = row["seconds"]
+    assert row["method"] == "KDDETRDistiller" and t["points"] > 0
+    assert math.isclose(row["floor"], t["student"] + t["teacher"] + t["points"])
+    assert math.isclose(row["overhead"], t["kd"] / row["floor"])
+    assert set(row["peak_memory_mb"]) == {"student", "teacher", "kd", "points"}
