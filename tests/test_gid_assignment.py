@@ -18,7 +18,7 @@ TINY = [
     "INPUT.MIN_SIZE_TEST", "64",
     "INPUT.MAX_SIZE_TEST", "64",
 ]  # fmt: skip
-# One square anchor per location (sizes 8..128 on P3-P7): every IoU below is easy to verify.
+# One square anchor per location (sizes 8..128 on P2-P6): every IoU below is easy to verify.
 SQUARE_ANCHORS = [
     "MODEL.ANCHOR_GENERATOR.SIZES", "[[8], [16], [32], [64], [128]]",
     "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0]]",
@@ -88,18 +88,28 @@ def _boxes(*rows):
 
 def test_retinanet_mask_uses_the_anchor_matcher():
     distiller = _pair("retinanet", *SQUARE_ANCHORS, *GID_56)
-    anchors = _anchors(distiller.student, size=128)  # P3 16x16, P4 8x8, P5 4x4, P6 2x2, P7 1x1
-    # GI box 0 is the P4 anchor centred at (16, 16): IoU 1 with it, 0.25 or less with any other,
-    # so only that anchor passes (IoU >= 0.5). GI box 1 overlaps no anchor by 0.4 or more (best:
-    # the P4 anchor at (16, 16), IoU 144 / 368); the matcher's low-quality rule still makes that
-    # best anchor foreground. In image 1, the P5 anchor centred at (32, 32).
-    gi = [_boxes([8, 8, 24, 24], [4, 4, 20, 20]), _boxes([16, 16, 48, 48])]
+    anchors = _anchors(distiller.student, size=128)  # P2 32x32, P3 16x16, P4 8x8, P5 4x4, P6 2x2
+    # Anchors are centred on multiples of their stride (offset 0). GI box 0 is the P3 anchor
+    # centred at (48, 48): IoU 1 with it, 0.25 or less with any other, so only that anchor passes
+    # (IoU >= 0.5). GI box 1 overlaps no anchor by 0.4 or more: its best IoU, 144 / 368, is shared
+    # by the four P3 anchors centred at (8 or 16, 8 or 16), and the matcher's low-quality rule
+    # makes every tied best anchor foreground. In image 1, the P4 anchor centred at (32, 32).
+    gi = [_boxes([40, 40, 56, 56], [4, 4, 20, 20]), _boxes([16, 16, 48, 48])]
     mask = distiller.response_mask(anchors, gi, [(128, 128)] * 2)
-    p4_16_16 = 16 * 16 + (1 * 8 + 1)  # after all P3 anchors; row 1, column 1 of P4's 8x8 grid
-    p5_32_32 = 16 * 16 + 8 * 8 + (1 * 4 + 1)
+
+    def p3(row, col):  # after all P2 anchors
+        return 32 * 32 + row * 16 + col
+
+    p4_32_32 = 32 * 32 + 16 * 16 + (2 * 8 + 2)
     assert mask.shape == (2, sum(len(a) for a in anchors))
-    assert torch.nonzero(mask[0]).flatten().tolist() == [p4_16_16]
-    assert torch.nonzero(mask[1]).flatten().tolist() == [p5_32_32]
+    assert torch.nonzero(mask[0]).flatten().tolist() == [
+        p3(1, 1),
+        p3(1, 2),
+        p3(2, 1),
+        p3(2, 2),
+        p3(6, 6),
+    ]
+    assert torch.nonzero(mask[1]).flatten().tolist() == [p4_32_32]
 
 
 def test_fcos_mask_inside_and_fcos_rule():
@@ -144,19 +154,20 @@ def test_faster_rcnn_mask_uses_the_rpn_matcher_on_rpn_anchors():
 def test_feature_level_assignment_and_pooling():
     distiller = _pair("retinanet", *GID_56)
     gid = distiller.gid
-    assert gid.in_features == ["p3", "p4", "p5", "p6", "p7"]
-    # detectron2's rule, canonical 56 px -> P4: floor(4 + log2(sqrt(area) / 56)), clamped.
+    assert gid.in_features == ["p2", "p3", "p4", "p5", "p6"]
+    # detectron2's rule, canonical 56 px -> P4: floor(4 + log2(sqrt(area) / 56)), clamped to
+    # P2..P6; level indices count from P2.
     sizes = [5, 28, 55, 56, 112, 300]
     boxes = _boxes(*[[0, 0, s, s] for s in sizes])
-    assert gid.levels_of([boxes]).tolist() == [0, 0, 0, 1, 2, 3]
+    assert gid.levels_of([boxes]).tolist() == [0, 1, 1, 2, 3, 4]
     # ROIAlign reads the assigned level: give each level a constant value, its level index.
     feats = {
         f: torch.full((1, 32, 128 // s, 128 // s), float(i))
-        for i, (f, s) in enumerate(zip(gid.in_features, [8, 16, 32, 64, 128]))
+        for i, (f, s) in enumerate(zip(gid.in_features, [4, 8, 16, 32, 64]))
     }
     pooled = gid.pooler([feats[f] for f in gid.in_features], [boxes])
     assert pooled.shape == (len(sizes), 32, 10, 10)
-    assert pooled.amax(dim=(1, 2, 3)).tolist() == [0, 0, 0, 1, 2, 3]
+    assert torch.allclose(pooled.amax(dim=(1, 2, 3)), torch.tensor([0.0, 1, 1, 2, 3, 4]))
 
 
 def test_per_level_adapters_each_get_gradients():
@@ -166,17 +177,17 @@ def test_per_level_adapters_each_get_gradients():
     boxes = _boxes([0, 0, 20, 20], [0, 0, 60, 60], [0, 0, 120, 120])
     s_feats = {
         f: torch.randn(1, 32, 128 // s, 128 // s, requires_grad=True)
-        for f, s in zip(gid.in_features, [8, 16, 32, 64, 128])
+        for f, s in zip(gid.in_features, [4, 8, 16, 32, 64])
     }
     t_feats = {
         f: torch.randn(1, 64, 128 // s, 128 // s)
-        for f, s in zip(gid.in_features, [8, 16, 32, 64, 128])
+        for f, s in zip(gid.in_features, [4, 8, 16, 32, 64])
     }
     losses = gid.feature_losses(s_feats, t_feats, [boxes])
     assert set(losses) == {"loss_kd_gid_feature", "loss_kd_gid_relation"}
     sum(losses.values()).backward()
     used = gid.levels_of([boxes]).tolist()
-    assert used == [0, 1, 2]
+    assert used == [0, 2, 3]  # P2, P4, P5
     for level, adapter in enumerate(gid.adapters):
         has_grad = adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
         assert has_grad == (level in used)
