@@ -11,7 +11,9 @@ from kd.losses.gid import (
     gi_relation_loss,
     gi_response_loss,
     gi_scores,
+    greedy_nms_first_k,
     select_general_instances,
+    select_general_instances_batched,
 )
 
 LOG2, LOG3 = math.log(2.0), math.log(3.0)
@@ -121,6 +123,48 @@ def test_gism_empty():
         torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 4), torch.zeros(0, 4)
     )
     assert boxes.shape == (0, 4) and scores.shape == (0,) and from_teacher.shape == (0,)
+
+
+def _random_boxes(generator, n, r, size=100.0):
+    xy = torch.rand(n, r, 2, generator=generator) * size
+    wh = torch.rand(n, r, 2, generator=generator) * size / 3 + 1
+    return torch.cat([xy, xy + wh], dim=-1)
+
+
+@pytest.mark.parametrize("iou", [0.3, 0.5])
+def test_greedy_first_k_equals_torchvision_nms(iou):
+    from torchvision.ops import nms
+
+    g = torch.Generator().manual_seed(0)
+    boxes = _random_boxes(g, 3, 400)
+    scores = torch.rand(3, 400, generator=g)
+    scores[1, 200:] = float("-inf")  # never kept: torchvision sees only the first 200
+    index, kept = greedy_nms_first_k(boxes, scores, iou, k=10)
+    for i in range(3):
+        alive = torch.isfinite(scores[i]).nonzero().squeeze(1)
+        expected = alive[nms(boxes[i, alive], scores[i, alive], iou)[:10]]
+        assert kept[i].all()
+        assert index[i].tolist() == expected.tolist()
+    # Fewer survivors than k: the rest are marked not kept.
+    two = torch.tensor([[[0.0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]]])
+    index, kept = greedy_nms_first_k(two, torch.tensor([[0.9, 0.8, 0.7]]), 0.3, k=5)
+    assert index[0][kept[0]].tolist() == [0, 2] and kept.shape == (1, 3)
+
+
+def test_gism_batched_selects_each_image_on_its_own():
+    g = torch.Generator().manual_seed(1)
+    n, r, c = 3, 300, 4
+    t_probs, s_probs = torch.rand(n, r, c, generator=g), torch.rand(n, r, c, generator=g)
+    t_boxes, s_boxes = _random_boxes(g, n, r), _random_boxes(g, n, r)
+    s_boxes[2, :50, 2:] = s_boxes[2, :50, :2]  # zero-area student boxes: never selected
+    kwargs = dict(top_k=7, nms_iou=0.3, pre_nms_top_k=100)
+    batched = select_general_instances_batched(t_probs, s_probs, t_boxes, s_boxes, **kwargs)
+    for i in range(n):
+        alone = select_general_instances(t_probs[i], s_probs[i], t_boxes[i], s_boxes[i], **kwargs)
+        for got, want in zip(batched[i], alone):
+            assert torch.equal(got, want)
+        boxes = batched[i][0]
+        assert len(boxes) == 7 and ((boxes[:, 2:] - boxes[:, :2]) > 0).all()
 
 
 # ---------------------------------------------------------------- feature loss

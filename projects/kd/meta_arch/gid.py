@@ -42,7 +42,7 @@ from kd.losses.gid import (
     gi_feature_loss,
     gi_relation_loss,
     gi_response_loss,
-    select_general_instances,
+    select_general_instances_batched,
 )
 from kd.meta_arch.base import Distiller, gt_instances_of
 from kd.meta_arch.chen2017 import Chen2017Distiller, _flatten_rpn_outputs
@@ -240,30 +240,24 @@ class GeneralInstanceDistillation(nn.Module):
         Returns:
             N ``Boxes`` of at most ``top_k`` GI boxes each, by decreasing GI score.
         """
-        out = []
-        for i, size in enumerate(image_sizes):
-            t_boxes, s_boxes = Boxes(teacher_boxes[i].clone()), Boxes(student_boxes[i].clone())
-            t_boxes.clip(size)
-            s_boxes.clip(size)
-            # A box clipped away entirely (predicted outside the image) is no instance; drop the
-            # prediction before NMS rather than spend one of the K slots on it.
-            t_max = teacher_probs[i].max(dim=-1).values
-            s_max = student_probs[i].max(dim=-1).values
-            chosen = Boxes(torch.where((t_max > s_max)[:, None], t_boxes.tensor, s_boxes.tensor))
-            valid = chosen.nonempty()
-            boxes, _, _ = select_general_instances(
-                teacher_probs[i][valid],
-                student_probs[i][valid],
-                t_boxes.tensor[valid],
-                s_boxes.tensor[valid],
-                top_k=self.top_k,
-                nms_iou=self.nms_thresh,
-                score_mode=self.score_mode,
-                score_threshold=self.score_thresh,
-                pre_nms_top_k=self.pre_nms_topk or None,
-            )
-            out.append(Boxes(boxes))
-        return out
+        # Clip every box to its own image: (N, 1, 4) upper bounds (w, h, w, h).
+        hw = torch.as_tensor(image_sizes, dtype=teacher_boxes.dtype, device=teacher_boxes.device)
+        upper = hw[:, [1, 0, 1, 0]][:, None]
+        t_boxes = torch.min(teacher_boxes.clamp(min=0), upper)
+        s_boxes = torch.min(student_boxes.clamp(min=0), upper)
+        # A GI box clipped away entirely (predicted outside the image) is dropped by the selection.
+        selected = select_general_instances_batched(
+            teacher_probs,
+            student_probs,
+            t_boxes,
+            s_boxes,
+            top_k=self.top_k,
+            nms_iou=self.nms_thresh,
+            score_mode=self.score_mode,
+            score_threshold=self.score_thresh,
+            pre_nms_top_k=self.pre_nms_topk or None,
+        )
+        return [Boxes(boxes) for boxes, _, _ in selected]
 
     # ------------------------------------------------------------------ feature + relation
     def levels_of(self, boxes: List[Boxes]) -> torch.Tensor:
