@@ -38,6 +38,11 @@ class Distiller(nn.Module):
     checkpoints hold the student and the adapters only), not in the optimizer, not wrapped by DDP,
     and ``model.train()`` cannot reach it. ``_apply`` moves it along with the distiller
     (``.to(device)``, ``.half()``). In eval mode a distiller is exactly its student.
+
+    Optional hook, for ``tools/benchmark_kd.py``: a distiller whose points need extra decoding by
+    the models (query groups, probes) may offer ``prepare_point_decoding(batched_inputs)``, which
+    does untimed what a student training step and a teacher inference forward already pay for
+    (encodings, points) and returns a closure doing only that extra decoding, by both models.
     """
 
     def __init__(
