@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .precision import float32_loss
+
 __all__ = [
     "weighted_soft_cross_entropy",
     "objectness_soft_cross_entropy",
@@ -22,6 +24,7 @@ __all__ = [
 ]
 
 
+@float32_loss
 def weighted_soft_cross_entropy(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -64,6 +67,7 @@ def weighted_soft_cross_entropy(
     return loss
 
 
+@float32_loss
 def objectness_soft_cross_entropy(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -102,6 +106,7 @@ def objectness_soft_cross_entropy(
     return loss
 
 
+@float32_loss
 def teacher_bounded_regression(
     student_deltas: torch.Tensor,
     teacher_deltas: torch.Tensor,
@@ -138,6 +143,7 @@ def teacher_bounded_regression(
     return torch.where(active, student_err, torch.zeros_like(student_err))
 
 
+@float32_loss
 def hint_loss(
     student_adapted: torch.Tensor, teacher: torch.Tensor, *, norm: str = "l2"
 ) -> torch.Tensor:

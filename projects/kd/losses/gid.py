@@ -12,6 +12,8 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .precision import float32_loss
+
 __all__ = [
     "gi_scores",
     "greedy_nms_first_k",
@@ -110,6 +112,7 @@ def greedy_nms_first_k(
 
 
 @torch.no_grad()
+@float32_loss
 def select_general_instances_batched(
     teacher_probs: torch.Tensor,
     student_probs: torch.Tensor,
@@ -199,6 +202,7 @@ def select_general_instances(
     return select_general_instances_batched(*batch, **kwargs)[0]
 
 
+@float32_loss
 def gi_feature_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor) -> torch.Tensor:
     """
     GI feature loss ``(1/K) sum_i ||t_i - s_i||^2`` [paper].
@@ -246,6 +250,7 @@ def _normalized_pairwise_distances(feats: torch.Tensor, eps: float) -> torch.Ten
     return dist / mean.clamp(min=eps)
 
 
+@float32_loss
 def gi_relation_loss(
     student_feats: torch.Tensor,
     teacher_feats: torch.Tensor,
@@ -288,6 +293,7 @@ def gi_relation_loss(
     return loss / (num * num - num)
 
 
+@float32_loss
 def gi_response_loss(
     student_cls_logits: torch.Tensor,
     teacher_cls_logits: torch.Tensor,

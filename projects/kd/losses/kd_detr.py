@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert
 
+from .precision import float32_loss
+
 __all__ = ["box_cxcywh_to_xyxy", "paired_giou_loss", "kd_detr_loss"]
 
 
@@ -26,6 +28,7 @@ def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
 
 
+@float32_loss
 def paired_giou_loss(
     boxes1: torch.Tensor, boxes2: torch.Tensor, *, eps: float = 1e-9
 ) -> torch.Tensor:
@@ -58,6 +61,7 @@ def paired_giou_loss(
     return 1.0 - giou
 
 
+@float32_loss
 def kd_detr_loss(
     student_logits: torch.Tensor,
     student_boxes: torch.Tensor,

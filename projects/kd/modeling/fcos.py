@@ -1,15 +1,18 @@
 """detectron2's FCOS, buildable from a yacs config (``MODEL.FCOS.*``, see ``kd.config``).
 
 detectron2 v0.6 ships :class:`detectron2.modeling.meta_arch.fcos.FCOS` for its lazy configs only:
-it has no ``from_config`` and is not in ``META_ARCH_REGISTRY``. This subclass adds both and changes
-nothing else, so a checkpoint of it loads into detectron2's own FCOS and vice versa.
+it has no ``from_config`` and is not in ``META_ARCH_REGISTRY``. This subclass adds both, and
+computes the losses in float32 under AMP; it changes nothing else, so a checkpoint of it loads into
+detectron2's own FCOS and vice versa.
 """
+
+from typing import List
 
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS
 from detectron2.modeling.meta_arch.fcos import FCOSHead
-from torch import nn
+from torch import Tensor, nn
 
 from kd.compat import group_norm
 
@@ -32,6 +35,30 @@ class FCOS(_D2FCOS):
         super().__init__(**kwargs)
         self.input_format = input_format
         self.vis_period = vis_period
+
+    def losses(
+        self,
+        anchors,
+        pred_logits: List[Tensor],
+        gt_labels: List[Tensor],
+        pred_anchor_deltas: List[Tensor],
+        gt_boxes: List[Tensor],
+        pred_centerness: List[Tensor],
+    ):
+        # Under autocast the head's outputs are half precision and the targets float32: v0.6's
+        # GIoU loss (fvcore) then fails writing float32 values into a half tensor. The losses are
+        # float32 computations anyway (sums over every location).
+        def full(ts: List[Tensor]) -> List[Tensor]:
+            return [t.float() for t in ts]
+
+        return super().losses(
+            anchors,
+            full(pred_logits),
+            gt_labels,
+            full(pred_anchor_deltas),
+            gt_boxes,
+            full(pred_centerness),
+        )
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict:

@@ -1,0 +1,84 @@
+"""Mixed precision: the distillation losses are float32 computations, and every distiller takes a
+training step under autocast.
+
+CI has no GPU, so the step runs under CPU autocast (bfloat16); the code paths (half-precision
+model outputs meeting float32 targets and losses) are the ones CUDA AMP takes with float16.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import REPO, TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg
+
+from kd.losses import gi_feature_loss, hint_loss, kd_detr_loss
+
+
+def test_losses_upcast_half_inputs_to_float32():
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(2, 64, 16, 16, generator=g) * 8).bfloat16().requires_grad_()
+    teacher = (torch.randn(2, 64, 16, 16, generator=g) * 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = hint_loss(student, teacher)
+    # The same sum of squares done in float32 on the same (bfloat16-representable) values.
+    expected = ((student.detach().float() - teacher.float()) ** 2).mean()
+    assert loss.dtype == torch.float32
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    loss.backward()
+    assert student.grad is not None and student.grad.dtype == torch.bfloat16
+
+    feats = student[:, :, :4, :4]
+    assert gi_feature_loss(feats, teacher[:, :, :4, :4]).dtype == torch.float32
+
+    logits = torch.randn(2, 5, 3, generator=g).bfloat16()
+    boxes = torch.rand(2, 5, 4, generator=g).bfloat16() * 0.5 + 0.25
+    terms = kd_detr_loss(logits, boxes, logits, boxes)
+    assert all(v.dtype == torch.float32 for v in terms.values())
+
+
+def _load_benchmark_kd():
+    spec = importlib.util.spec_from_file_location("benchmark_kd", REPO / "tools/benchmark_kd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        "faster_rcnn_kd_chen2017.yaml",
+        "faster_rcnn_kd_gid.yaml",
+        "retinanet_kd_gid.yaml",
+        "fcos_kd_gid.yaml",
+        "detr_kd_detr.yaml",
+    ],
+)
+def test_distiller_trains_under_autocast(config, datasets_root, tmp_path, one_thread):
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    bk = _load_benchmark_kd()
+    path = f"configs/kd_shapes/{config}"
+    if config.startswith("detr"):
+        tiny = [*TINY_DETR_OPTS, "MODEL.DETR.NUM_QUERIES", "10", "MODEL.DETR.DEC_LAYERS", "2"]
+        teacher = tmp_path / "teacher.yaml"
+        teacher.write_text(build_cfg("configs/kd_shapes/detr_teacher.yaml", tiny).dump())
+        opts = [*tiny, "KD.TEACHER.CONFIG_FILE", str(teacher), "KD.KD_DETR.NUM_GENERAL_POINTS", "5"]
+    else:
+        opts = list(TINY_RCNN_OPTS)
+    opts += ["KD.TEACHER.WEIGHTS", str(tmp_path / "random_teacher.pth")]
+    cfg = bk.load_config(str(REPO / path), opts, "cpu")
+    bk.ensure_teacher_weights(cfg, str(tmp_path))
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = bk.fixed_batches(cfg, 1)[0]
+    with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch)
+    kd_terms = {k: v for k, v in losses.items() if k.startswith("loss_kd_")}
+    assert kd_terms, sorted(losses)
+    for name, value in losses.items():
+        assert value.dtype == torch.float32, (name, value.dtype)
+        assert torch.isfinite(value), name
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
