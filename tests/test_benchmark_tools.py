@@ -119,4 +119,7 @@ def test_benchmark_kd_times_the_point_decoding(datasets_root, tmp_path):
     assert row["method"] == "KDDETRDistiller" and t["points"] > 0
     assert math.isclose(row["floor"], t["student"] + t["teacher"] + t["points"])
     assert math.isclose(row["overhead"], t["kd"] / row["floor"])
-    assert set(row["peak_memory_mb"]) == {"student", "teacher", "kd", "points"}
+    # The train floor: the same decoding with the backward of the student's part.
+    assert math.isclose(row["floor_train"], t["student"] + t["teacher"] + t["points+bwd"])
+    assert math.isclose(row["overhead_train"], t["kd"] / row["floor_train"])
+    assert set(row["peak_memory_mb"]) == {"student", "teacher", "kd", "points", "points+bwd"}

@@ -416,3 +416,12 @@ def test_prepare_point_decoding_decodes_the_kd_step_points(teacher, tmp_path, ba
     with torch.no_grad():
         again = decode()
     assert torch.equal(again[1][GENERAL].logits, t_out[GENERAL].logits)
+    # With gradients (benchmark_kd's train floor), the student's answers have a graph down to its
+    # encoder memory, as in the KD step; the teacher's never do.
+    s_calls = []
+    record(model.student, "decode_groups", s_calls)
+    _, t_grad, s_grad = decode()
+    assert s_grad[GENERAL].logits.requires_grad and not t_grad[GENERAL].logits.requires_grad
+    memory = s_calls[0][0][0].memory  # the encoding the closure decodes from
+    s_grad[GENERAL].logits.sum().backward()
+    assert memory.grad is not None and memory.grad.abs().sum() > 0

@@ -14,14 +14,19 @@ For each distiller config it times, on identical batches:
   that method does, untimed, what the decoding needs and the other phases already pay for (both
   models' backbones and encoders, the points) and returns a closure doing only the extra decoding,
   which is what is timed, so no backbone or encoder is counted twice;
+* ``points+bwd``: the same decoding as a training step does it: with gradients, and the backward
+  of the student's extra decoding (of the plain sum of its answers: no distillation loss) down to
+  its encoder memory, where in the KD step it joins the backward the student pays anyway;
 * ``kd``: a training iteration of the distiller (student + teacher + distillation losses).
 
 and prints ``overhead = t_kd / (t_student + t_teacher + t_points)``: what the distillation
-machinery itself adds beyond the work it cannot avoid. The three phases are interleaved over
-``--repeats`` rounds and each reported time is the median per-iteration time, so a slow phase of
-the machine hits all of them alike. On CPU the ratios are the figures to read; absolute times
-depend on the machine and its load. Memory: on CUDA the peak allocated memory of each phase; on
-CPU the growth of the process's resident memory (sampled every millisecond) during the student's
+machinery itself adds beyond the work it cannot avoid; and, for methods with points,
+``overhead_train = t_kd / (t_student + t_teacher + t_points+bwd)``, which also counts as
+unavoidable the backward through the extra decoding that any loss at those points needs. The
+phases are interleaved over ``--repeats`` rounds and each reported time is the median
+per-iteration time, so a slow phase of the machine hits all of them alike. On CPU the ratios are
+the figures to read; absolute times depend on the machine and its load. Memory: on CUDA the peak
+allocated memory of each phase; on CPU the growth of the process's resident memory (sampled every millisecond) during the student's
 first iteration, and during the distiller's first iteration after it: what KD needs beyond the
 student alone (the allocator keeps freed memory, so later phases cannot be told apart).
 
@@ -31,6 +36,7 @@ Run with ``OMP_NUM_THREADS`` set to the cores the process may use, and nothing e
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -214,15 +220,23 @@ def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
         with torch.no_grad(), amp():
             decoders[i]()
 
+    def points_train(i):
+        with amp():
+            answers = [t for t in _tensors(decoders[i]()) if t.requires_grad]
+        if answers:
+            torch.autograd.backward([t.float().sum() for t in answers])
+        student.zero_grad(set_to_none=True)
+
     phases = {"student": student_step, "teacher": teacher_forward, "kd": kd_step}
     if prepare is not None:
         phases["points"] = points
+        phases["points+bwd"] = points_train
 
     # Warm-up (allocator, MKL-DNN kernels, lazy buffers), student first and KD second: on CPU the
     # allocator keeps what a phase freed, so the KD phase's growth is what it needs *beyond* the
     # student alone; on CUDA every phase's peak is measured on its own.
     memory: Dict[str, int] = {}
-    for name in sorted(phases, key=["student", "kd", "teacher", "points"].index):
+    for name in sorted(phases, key=["student", "kd", "teacher", "points", "points+bwd"].index):
         if name == "points":
             # Everything the decoding needs besides itself, for every batch, before any of it is
             # timed; only after the student's and the KD step's warm-up, whose memory it would
@@ -236,7 +250,7 @@ def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
             times[name].append(timed(fn, range(len(batches)), args.device, memory, name))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     floor = med["student"] + med["teacher"] + med.get("points", 0.0)
-    return {
+    row = {
         "config": os.path.relpath(path, ROOT),
         "method": cfg.MODEL.META_ARCHITECTURE,
         "random_teacher": random_teacher is not None,
@@ -245,29 +259,51 @@ def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
         "floor": floor,
         "overhead": med["kd"] / floor,
     }
+    if "points+bwd" in med:
+        row["floor_train"] = med["student"] + med["teacher"] + med["points+bwd"]
+        row["overhead_train"] = med["kd"] / row["floor_train"]
+    return row
+
+
+def _tensors(value) -> List[torch.Tensor]:
+    """Every tensor in a nest of tuples, lists, dicts and dataclasses (a closure's answers)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    elif dataclasses.is_dataclass(value):
+        value = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    elif not isinstance(value, (list, tuple)):
+        return []
+    return [t for v in value for t in _tensors(v)]
 
 
 def format_table(rows: List[Dict[str, object]], device: str) -> str:
     head = (
-        "| config | student (ms) | teacher fwd (ms) | points (ms) | KD step (ms) | overhead "
-        "| memory student / KD (MB) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| config | student (ms) | teacher fwd (ms) | points / +bwd (ms) | KD step (ms) | overhead "
+        "| overhead (train floor) | memory student / KD (MB) |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     lines = [head]
     for r in rows:
         s = r["seconds"]
         m = r["peak_memory_mb"]
-        pts = f"{1000 * s['points']:.0f}" if "points" in s else "-"
+        pts = f"{1000 * s['points']:.0f} / {1000 * s['points+bwd']:.0f}" if "points" in s else "-"
+        train = f"**{r['overhead_train']:.3f}**" if "overhead_train" in r else "-"
         lines.append(
             f"| {os.path.basename(r['config'])} | {1000 * s['student']:.0f} | "
             f"{1000 * s['teacher']:.0f} | {pts} | {1000 * s['kd']:.0f} | "
-            f"**{r['overhead']:.3f}** | {m['student']:.0f} / {m['kd']:.0f} |"
+            f"**{r['overhead']:.3f}** | {train} | {m['student']:.0f} / {m['kd']:.0f} |"
         )
     mem = (
         "CUDA peak allocated per phase"
         if device.startswith("cuda")
         else "resident memory growth (sampled): student alone, then what KD adds beyond it"
     )
-    lines.append(f"\noverhead = KD step / (student + teacher fwd + points); memory: {mem}.")
+    lines.append(
+        "\noverhead = KD step / (student + teacher fwd + points); the train floor counts the "
+        f"points with the backward of the student's extra decoding instead; memory: {mem}."
+    )
     return "\n".join(lines)
 
 

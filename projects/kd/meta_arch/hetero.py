@@ -420,6 +420,8 @@ class DETRToRCNNDistiller(_HeteroDistiller):
             images, features, sampled, _ = self._student_sample(self.student_inputs(batched_inputs))
             points, valid, random = self._points(sampled, images.image_sizes)
             encoded = self.teacher.encode(self.teacher_inputs(batched_inputs))
+        for feature in features.values():  # for a timed backward of the random-point probe
+            feature.requires_grad_(True)
 
         def decode() -> Tuple[Tensor, Tensor, ProbeAnswer, Optional[ProbeAnswer]]:
             teacher = self._teacher_probe(encoded, points)
@@ -582,6 +584,8 @@ class RCNNToDETRDistiller(_HeteroDistiller):
         with torch.no_grad():
             encoded = self.student.encode(self.student_inputs(batched_inputs))
             sets = self.point_sets(encoded)
+        # Timed with gradients, the decoding's backward then reaches the memory, as in the KD step.
+        encoded.memory.requires_grad_(True)
         images, features = self._teacher_features(batched_inputs)
 
         def decode() -> Tuple[List[Tensor], ProbeAnswer, List[ProbeAnswer]]:

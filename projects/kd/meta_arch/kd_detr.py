@@ -331,12 +331,16 @@ class KDDETRDistiller(Distiller):
             batched_inputs: the batch as the distiller receives it.
 
         Returns:
-            A closure, callable any number of times (under ``torch.no_grad()`` in the benchmark),
-            that decodes the points as :meth:`forward_train` does, teacher then student, without
-            any loss, and returns (points, teacher answers, student answers), each by set name.
+            A closure, callable any number of times, that decodes the points as
+            :meth:`forward_train` does, teacher then student, without any loss, and returns
+            (points, teacher answers, student answers), each by set name. The student's answers
+            have a graph when it is called with gradients enabled.
         """
         with torch.no_grad():
             encoded = self.student.encode(self.student_inputs(batched_inputs))
+        # A leaf that wants a gradient: timed with gradients, the decoding's backward then goes
+        # into the memory as in the KD step (where it joins the encoder's backward there).
+        encoded.memory.requires_grad_(True)
         t_encoded, points = self.teacher_points(batched_inputs)
 
         def decode() -> PointDecoding:
