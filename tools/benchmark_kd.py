@@ -26,9 +26,11 @@ unavoidable the backward through the extra decoding that any loss at those point
 phases are interleaved over ``--repeats`` rounds and each reported time is the median
 per-iteration time, so a slow phase of the machine hits all of them alike. On CPU the ratios are
 the figures to read; absolute times depend on the machine and its load. Memory: on CUDA the peak
-allocated memory of each phase; on CPU the growth of the process's resident memory (sampled every millisecond) during the student's
-first iteration, and during the distiller's first iteration after it: what KD needs beyond the
-student alone (the allocator keeps freed memory, so later phases cannot be told apart).
+allocated memory of each phase; on CPU the growth of the process's resident memory (sampled every
+millisecond) during the student's first iteration, and during the distiller's first iteration
+after it: what KD needs beyond the student alone (the allocator keeps freed memory, so later
+phases cannot be told apart, and only the first config of a run gives a figure: measure memory
+one config per process).
 
 Teacher weights: when ``KD.TEACHER.WEIGHTS`` does not exist, a randomly initialised teacher is
 saved to a temporary file and used; timing does not depend on what the weights are.
