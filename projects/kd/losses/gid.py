@@ -90,21 +90,21 @@ def greedy_nms_first_k(
     n, r = scores.shape
     k = min(k, r)
     scores = scores.clone()
-    areas = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    rows = torch.arange(n, device=scores.device)
+    # (N, R) coordinate planes, contiguous: each step is a handful of elementwise passes.
+    x1, y1, x2, y2 = (c.contiguous() for c in boxes.unbind(dim=-1))
+    areas = (x2 - x1) * (y2 - y1)
     picks, kept = [], []
     for _ in range(k):
-        best_score, best = scores.max(dim=1)
-        picks.append(best)
-        kept.append(best_score > float("-inf"))
-        box = boxes[rows, best][:, None]  # (N, 1, 4)
-        wh = (
-            torch.min(box[..., 2:], boxes[..., 2:]) - torch.max(box[..., :2], boxes[..., :2])
-        ).clamp(min=0)
-        inter = wh[..., 0] * wh[..., 1]
-        iou = inter / (areas[rows, best][:, None] + areas - inter)
-        scores = scores.masked_fill(iou > iou_threshold, float("-inf"))
-        scores[rows, best] = float("-inf")  # kept boxes leave the pool even at threshold >= 1
+        best_score, best = scores.max(dim=1, keepdim=True)  # (N, 1)
+        picks.append(best[:, 0])
+        kept.append(best_score[:, 0] > float("-inf"))
+        w = (torch.min(x2, x2.gather(1, best)) - torch.max(x1, x1.gather(1, best))).clamp_(min=0)
+        h = (torch.min(y2, y2.gather(1, best)) - torch.max(y1, y1.gather(1, best))).clamp_(min=0)
+        inter = w.mul_(h)
+        union = areas + areas.gather(1, best) - inter
+        # inter / union > t without the division (union > 0 for any box with an area).
+        scores.masked_fill_(inter > iou_threshold * union, float("-inf"))
+        scores.scatter_(1, best, float("-inf"))  # kept boxes leave the pool even at t >= 1
     if not picks:
         empty = torch.zeros((n, 0), dtype=torch.long, device=scores.device)
         return empty, empty.bool()
