@@ -68,6 +68,33 @@ def test_plan_and_report_from_finished_runs(tmp_path):
     assert (tmp_path / "benchmark.png").stat().st_size > 0
 
 
+def test_plan_method_filter_words_and_exact_titles(tmp_path):
+    bt = _load("benchmark_table")
+
+    def titles(*methods):
+        args = bt.argparse.Namespace(
+            output=str(tmp_path),
+            seeds=[1],
+            families=["detr"],
+            methods=list(methods),
+            teacher_iters=None,
+            student_iters=None,
+        )
+        return [r["title"] for r in bt.plan(args) if r["kind"] == "method"]
+
+    # A word matches every title containing it, case-insensitively: KD-DETR and its ablations.
+    assert titles("kd-detr") == [
+        "KD-DETR",
+        "KD-DETR general points only",
+        "KD-DETR specific points only",
+        "KD-DETR without foreground weight",
+    ]
+    assert titles("^KD-DETR$", "heterogeneous") == [
+        "KD-DETR",
+        "Faster R-CNN teacher (heterogeneous)",
+    ]
+
+
 def test_benchmark_kd_reports_overhead(datasets_root):
     bk = _load("benchmark_kd")
     out = datasets_root / "bench.json"

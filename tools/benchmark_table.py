@@ -199,7 +199,7 @@ def plan(args) -> List[dict]:
         m
         for m in METHODS
         if m.family in args.families
-        and (not args.methods or any(k.lower() in m.title.lower() for k in args.methods))
+        and (not args.methods or any(re.search(k, m.title, re.IGNORECASE) for k in args.methods))
     ]
     missing = [m for m in methods if not os.path.isfile(os.path.join(CONFIGS, m.config))]
     for m in missing:
@@ -308,7 +308,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         "--methods",
         nargs="+",
         default=None,
-        help="only methods whose title contains one of these (case-insensitive)",
+        help="only methods whose title matches one of these regular expressions (case-insensitive"
+        " search: a plain word matches titles containing it, '^KD-DETR$' only that row)",
     )
     parser.add_argument(
         "--teacher-iters",
