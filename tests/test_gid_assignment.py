@@ -234,3 +234,34 @@ def test_different_dense_layouts_are_refused():
             student_input_format="BGR",
             gid=distiller.gid,
         )
+
+
+@pytest.mark.parametrize(
+    "thresholds, low_quality", [([0.4, 0.5], True), ([0.3, 0.7], True), ([0.4, 0.5], False)]
+)
+def test_batched_matcher_equals_detectron2_matcher_per_image(thresholds, low_quality):
+    """matcher_foreground (one batched pass) against detectron2's Matcher called per image."""
+    from detectron2.modeling.matcher import Matcher
+    from detectron2.structures import Boxes, pairwise_iou
+
+    from kd.meta_arch.gid import matcher_foreground
+
+    g = torch.Generator().manual_seed(0)
+
+    def boxes(n, grid=False):
+        if grid:  # anchors on a grid: many exact IoU ties, as with real anchors
+            xy = torch.stack(torch.meshgrid(torch.arange(0.0, 64, 4), torch.arange(0.0, 64, 4)))
+            xy = xy.reshape(2, -1).T
+            return Boxes(torch.cat([xy - 6, xy + 6], dim=1))
+        xy = torch.rand(n, 2, generator=g) * 60
+        return Boxes(torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 30 + 2], dim=1))
+
+    anchors = boxes(0, grid=True)
+    matcher = Matcher(thresholds, [0, -1, 1], allow_low_quality_matches=low_quality)
+    gi = [boxes(10), boxes(3), Boxes(torch.zeros(0, 4)), boxes(7)]
+    got = matcher_foreground(matcher, gi, anchors)
+    for i, b in enumerate(gi):
+        expected = matcher(pairwise_iou(b, anchors))[1] == 1
+        assert torch.equal(got[i], expected), i
+    assert got[0].any() and not got[2].any()
+    assert not matcher_foreground(matcher, [Boxes(torch.zeros(0, 4))] * 2, anchors).any()

@@ -30,10 +30,11 @@ import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
-from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.structures.boxes import pairwise_point_box_distance
 from detectron2.utils.events import get_event_storage
 from torch import nn
@@ -53,6 +54,7 @@ __all__ = [
     "GIDFCOSDistiller",
     "GIDFasterRCNNDistiller",
     "check_dense_layout",
+    "matcher_foreground",
 ]
 
 PREFIX = "loss_kd_gid_"
@@ -387,6 +389,45 @@ def _same_transform(a, b) -> bool:
     return type(a) is type(b) and vars(a) == vars(b)
 
 
+def matcher_foreground(matcher: Matcher, gi_boxes: List[Boxes], anchors: Boxes) -> torch.Tensor:
+    """(N, R) bool: the anchors ``matcher`` labels foreground (1) in each image, GI boxes as its
+    ground truth; detectron2's :class:`Matcher` (thresholds, labels, low-quality matches with ties)
+    for every image of the batch at once instead of one call per image.
+
+    Args:
+        matcher: the detector's own anchor matcher.
+        gi_boxes: N ``Boxes``, the GI boxes of each image (any number, also none).
+        anchors: the R anchors shared by the batch.
+    """
+    n, r = len(gi_boxes), len(anchors)
+    m = max((len(b) for b in gi_boxes), default=0)
+    a = anchors.tensor
+    if m == 0:  # no ground truth anywhere: every anchor gets the first label, as in Matcher
+        return torch.full((n, r), matcher.labels[0] == 1, dtype=torch.bool, device=a.device)
+    gt = a.new_zeros((n, m, 4))
+    valid = torch.zeros((n, m), dtype=torch.bool, device=a.device)
+    for i, b in enumerate(gi_boxes):
+        gt[i, : len(b)] = b.tensor
+        valid[i, : len(b)] = True
+    # detectron2's pairwise_iou, the same operations (so the same values), batched: (N, M, R),
+    # on contiguous coordinate planes.
+    ax1, ay1, ax2, ay2 = (c.contiguous() for c in a.unbind(dim=1))
+    gx1, gy1, gx2, gy2 = (c[..., None] for c in gt.unbind(dim=-1))
+    inter = (torch.min(gx2, ax2) - torch.max(gx1, ax1)).clamp_(min=0)
+    inter.mul_((torch.min(gy2, ay2) - torch.max(gy1, ay1)).clamp_(min=0))
+    union = (gx2 - gx1) * (gy2 - gy1) + anchors.area() - inter
+    iou = torch.where(inter > 0, inter / union, torch.zeros_like(inter))
+    best = iou.masked_fill(~valid[..., None], float("-inf")).max(dim=1).values  # (N, R)
+    labels = torch.ones((n, r), dtype=torch.int8, device=a.device)
+    for label, low, high in zip(matcher.labels, matcher.thresholds[:-1], matcher.thresholds[1:]):
+        labels[(best >= low) & (best < high)] = label
+    if matcher.allow_low_quality_matches:
+        # Each GI box's best anchors, ties included, become foreground.
+        top = iou.max(dim=2, keepdim=True).values
+        labels[((iou == top) & valid[..., None]).any(dim=1)] = 1
+    return labels == 1
+
+
 def _deltas_in_student_space(t_deltas, anchors, s_transform, t_transform) -> torch.Tensor:
     """The teacher's deltas (N, R, 4) re-encoded with the student's box transform."""
     if _same_transform(s_transform, t_transform):
@@ -584,12 +625,7 @@ class GIDRetinaNetDistiller(_DenseGIDDistiller):
     family = RetinaNet
 
     def response_mask(self, anchors, gi_boxes, image_sizes):
-        anchors = Boxes.cat(anchors)
-        masks = []
-        for boxes in gi_boxes:  # a loop over images; each is one batched matching
-            _, labels = self.student.anchor_matcher(pairwise_iou(boxes, anchors))
-            masks.append(labels == 1)
-        return torch.stack(masks)
+        return matcher_foreground(self.student.anchor_matcher, gi_boxes, Boxes.cat(anchors))
 
 
 @META_ARCH_REGISTRY.register()
@@ -784,9 +820,8 @@ class GIDFasterRCNNDistiller(Chen2017Distiller):
 
     def response_mask(self, anchors: List[Boxes], gi_boxes: List[Boxes]) -> torch.Tensor:
         """(N, R) bool: the anchors the RPN's own matcher labels foreground for the GI boxes."""
-        anchors = Boxes.cat(anchors)
         matcher = self.student.proposal_generator.anchor_matcher
-        return torch.stack([matcher(pairwise_iou(b, anchors))[1] == 1 for b in gi_boxes])
+        return matcher_foreground(matcher, gi_boxes, Boxes.cat(anchors))
 
     @torch.no_grad()
     def general_instances(self, batched_inputs: List[dict]) -> List[Boxes]:
