@@ -150,3 +150,24 @@ def test_benchmark_kd_times_the_point_decoding(datasets_root, tmp_path):
     assert math.isclose(row["floor_train"], t["student"] + t["teacher"] + t["points+bwd"])
     assert math.isclose(row["overhead_train"], t["kd"] / row["floor_train"])
     assert set(row["peak_memory_mb"]) == {"student", "teacher", "kd", "points", "points+bwd"}
+
+
+def test_report_heterogeneous_row_shows_its_own_teacher(tmp_path):
+    bt = _load("benchmark_table")
+    args = bt.argparse.Namespace(
+        output=str(tmp_path),
+        seeds=[1],
+        families=["faster_rcnn"],
+        methods=["heterogeneous"],
+        teacher_iters=None,
+        student_iters=None,
+    )
+    runs = bt.plan(args)
+    assert {r["family"] for r in runs if r["kind"] == "teacher"} == {"faster_rcnn", "detr"}
+    for out, ap in [("teachers/faster_rcnn", 18.0), ("teachers/detr", 30.0)]:
+        (tmp_path / out).mkdir(parents=True)
+        (tmp_path / out / "eval_results.json").write_text(
+            json.dumps({"bbox": {"AP": ap, "AP50": ap, "AP75": ap}})
+        )
+    rows = {r["student"]: r["teacher_AP"] for r in bt.report(runs, str(tmp_path))}
+    assert rows == {"baseline": "18.00", "DETR teacher (heterogeneous)": "30.00"}

@@ -248,6 +248,7 @@ def plan(args) -> List[dict]:
                     dict(
                         kind="method",
                         family=fam.name,
+                        teacher_family=m.teacher_family or fam.name,
                         title=m.title,
                         seed=seed,
                         config=m.config,
@@ -266,23 +267,29 @@ def report(runs: List[dict], output: str) -> List[dict]:
         if os.path.isfile(os.path.join(r["out"], "eval_results.json")):
             finished[r["out"]] = read_results(r["out"])
     rows = []
+
+    def teacher_ap(family: str) -> str:
+        t_dir = os.path.join(output, "teachers", family)
+        return f"{finished[t_dir]['AP']:.2f}" if t_dir in finished else "-"
+
     for fam in dict.fromkeys(r["family"] for r in runs if r["kind"] != "teacher"):
-        t_dir = os.path.join(output, "teachers", fam)
-        teacher_ap = f"{finished[t_dir]['AP']:.2f}" if t_dir in finished else "-"
         per_title: Dict[str, Dict[int, Dict[str, float]]] = {}
         for r in runs:
             if r["family"] == fam and r["kind"] != "teacher" and r["out"] in finished:
                 per_title.setdefault(r["title"], {})[r["seed"]] = finished[r["out"]]
         baseline = per_title.get("baseline", {})
-        titles = dict.fromkeys(
-            r["title"] for r in runs if r["family"] == fam and r["kind"] != "teacher"
-        )
-        for title in titles:
+        # title -> whose teacher it learns from (another family's for heterogeneous KD)
+        titles = {
+            r["title"]: r.get("teacher_family", fam)
+            for r in runs
+            if r["family"] == fam and r["kind"] != "teacher"
+        }
+        for title, teacher in titles.items():
             rows.append(
                 dict(
                     family=FAMILIES[fam].title,
                     student=title,
-                    teacher_AP=teacher_ap,
+                    teacher_AP=teacher_ap(teacher),
                     summary=summarize(baseline, per_title.get(title, {})),
                     runs=per_title.get(title, {}),
                 )
