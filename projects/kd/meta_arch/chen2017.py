@@ -6,17 +6,17 @@ own losses use: the RPN's sampled anchors and the ROI head's sampled proposals. 
 asked about those same points: its RPN head at the same anchors, its box head (ROIAlign on its own
 features) at the student's sampled proposals.
 """
+
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
 
 from kd.losses.chen2017 import (
     hint_loss,
@@ -60,8 +60,9 @@ class HintAdapters(nn.Module):
     the teacher's map (bilinear) before the comparison [open in the paper].
     """
 
-    def __init__(self, names: List[str], student_channels: Dict[str, int],
-                 teacher_channels: Dict[str, int]):
+    def __init__(
+        self, names: List[str], student_channels: Dict[str, int], teacher_channels: Dict[str, int]
+    ):
         """
         Args:
             names: the hinted features.
@@ -76,12 +77,14 @@ class HintAdapters(nn.Module):
             nn.init.zeros_(conv.bias)
             self.adapters[name] = conv
 
-    def forward(self, name: str, student_feature: torch.Tensor,
-                teacher_feature: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, name: str, student_feature: torch.Tensor, teacher_feature: torch.Tensor
+    ) -> torch.Tensor:
         adapted = self.adapters[name](student_feature)
         if adapted.shape[-2:] != teacher_feature.shape[-2:]:
-            adapted = F.interpolate(adapted, size=teacher_feature.shape[-2:], mode="bilinear",
-                                    align_corners=False)
+            adapted = F.interpolate(
+                adapted, size=teacher_feature.shape[-2:], mode="bilinear", align_corners=False
+            )
         return adapted
 
 
@@ -250,8 +253,15 @@ class Chen2017Distiller(Distiller):
         steps = Chen2017Steps(images, gt_instances, features, t_features, rpn_outputs)
         return losses, steps
 
-    def _rpn(self, images: ImageList, features, gt_instances: List[Instances], t_features,
-             distill: bool, teacher_rpn: bool = False):
+    def _rpn(
+        self,
+        images: ImageList,
+        features,
+        gt_instances: List[Instances],
+        t_features,
+        distill: bool,
+        teacher_rpn: bool = False,
+    ):
         rpn = self.student.proposal_generator
         feats = [features[f] for f in rpn.in_features]
         anchors = rpn.anchor_generator(feats)
@@ -277,13 +287,17 @@ class Chen2017Distiller(Distiller):
         if self.rpn_soft_cls:
             sampled = gt_labels >= 0
             soft = objectness_soft_cross_entropy(
-                cat(logits, dim=1)[sampled], cat(t_logits, dim=1)[sampled],
-                background_weight=self.background_weight, temperature=self.temperature,
+                cat(logits, dim=1)[sampled],
+                cat(t_logits, dim=1)[sampled],
+                background_weight=self.background_weight,
+                temperature=self.temperature,
             )
             losses["loss_rpn_cls"] = losses["loss_rpn_cls"] * self.hard_weight
             losses[PREFIX + "rpn_soft_cls"] = (
-                (1 - self.hard_weight) * rpn.loss_weight.get("loss_rpn_cls", 1.0)
-                * soft.sum() / normalizer
+                (1 - self.hard_weight)
+                * rpn.loss_weight.get("loss_rpn_cls", 1.0)
+                * soft.sum()
+                / normalizer
             )
         if self.rpn_bounded_reg:
             positive = gt_labels == 1
@@ -292,22 +306,33 @@ class Chen2017Distiller(Distiller):
                 [rpn.box2box_transform.get_deltas(anchor_boxes, b) for b in gt_boxes]
             )
             bound = teacher_bounded_regression(
-                cat(deltas, dim=1)[positive], cat(t_deltas, dim=1)[positive], targets[positive],
+                cat(deltas, dim=1)[positive],
+                cat(t_deltas, dim=1)[positive],
+                targets[positive],
                 margin=self.bound_margin,
             )
             losses[PREFIX + "rpn_bounded_reg"] = (
-                self.bound_weight * rpn.loss_weight.get("loss_rpn_loc", 1.0)
-                * bound.sum() / normalizer
+                self.bound_weight
+                * rpn.loss_weight.get("loss_rpn_loc", 1.0)
+                * bound.sum()
+                / normalizer
             )
         return proposals, losses, outputs
 
-    def _rcn(self, features, proposals: List[Instances], gt_instances: List[Instances],
-             t_features, distill: bool) -> Dict[str, torch.Tensor]:
+    def _rcn(
+        self,
+        features,
+        proposals: List[Instances],
+        gt_instances: List[Instances],
+        t_features,
+        distill: bool,
+    ) -> Dict[str, torch.Tensor]:
         roi = self.student.roi_heads
         proposals = roi.label_and_sample_proposals(proposals, gt_instances)
         boxes = [p.proposal_boxes for p in proposals]
-        box_features = roi.box_head(roi.box_pooler([features[f] for f in roi.box_in_features],
-                                                   boxes))
+        box_features = roi.box_head(
+            roi.box_pooler([features[f] for f in roi.box_in_features], boxes)
+        )
         scores, deltas = roi.box_predictor(box_features)
         losses = roi.box_predictor.losses((scores, deltas), proposals)
         losses.update(roi._forward_mask(features, proposals))
@@ -329,8 +354,9 @@ class Chen2017Distiller(Distiller):
         if self.rcn_soft_cls:
             weights = torch.ones(scores.shape[1], device=scores.device)
             weights[-1] = self.background_weight  # detectron2 puts background last
-            soft = weighted_soft_cross_entropy(scores, t_scores, weights,
-                                               temperature=self.temperature)
+            soft = weighted_soft_cross_entropy(
+                scores, t_scores, weights, temperature=self.temperature
+            )
             losses["loss_cls"] = losses["loss_cls"] * self.hard_weight
             losses[PREFIX + "rcn_soft_cls"] = (1 - self.hard_weight) * soft.sum() / num_sampled
         if self.rcn_bounded_reg:
@@ -346,8 +372,9 @@ class Chen2017Distiller(Distiller):
             losses[PREFIX + "rcn_bounded_reg"] = self.bound_weight * bound.sum() / num_sampled
         return losses
 
-    def _teacher_deltas_in_student_space(self, t_deltas: torch.Tensor,
-                                         proposal_boxes: torch.Tensor) -> torch.Tensor:
+    def _teacher_deltas_in_student_space(
+        self, t_deltas: torch.Tensor, proposal_boxes: torch.Tensor
+    ) -> torch.Tensor:
         s_tf = self.student.roi_heads.box_predictor.box2box_transform
         t_tf = self.teacher.roi_heads.box_predictor.box2box_transform
         if tuple(s_tf.weights) == tuple(t_tf.weights):
@@ -357,8 +384,11 @@ class Chen2017Distiller(Distiller):
 
     def _hint(self, features, t_features) -> torch.Tensor:
         terms = [
-            hint_loss(self.hint_adapters(name, features[name], t_features[name]),
-                      t_features[name], norm=self.hint_norm)
+            hint_loss(
+                self.hint_adapters(name, features[name], t_features[name]),
+                t_features[name],
+                norm=self.hint_norm,
+            )
             for name in self.hint_features
         ]
         return torch.stack(terms).mean()  # mean over the hinted levels
@@ -369,7 +399,8 @@ def _flatten_rpn_outputs(rpn, logits, deltas):
     logits = [score.permute(0, 2, 3, 1).flatten(1) for score in logits]
     box_dim = rpn.anchor_generator.box_dim
     deltas = [
-        x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2)
+        x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1])
+        .permute(0, 3, 4, 1, 2)
         .flatten(1, -2)
         for x in deltas
     ]
