@@ -152,11 +152,10 @@ def tiny_teacher(datasets_root, tmp_path_factory):
     return str(config), str(weights)
 
 
-def kd_opts(teacher, out_dir) -> List[str]:
-    """Options that turn the Chen et al. KD config into a tiny run with the tiny teacher."""
+def teacher_opts(teacher, out_dir) -> List[str]:
+    """Options pointing a distiller at a (config file, weights) teacher, writing to ``out_dir``."""
     config, weights = teacher
     return [
-        *TINY_RCNN_OPTS,
         "KD.TEACHER.CONFIG_FILE",
         config,
         "KD.TEACHER.WEIGHTS",
@@ -164,6 +163,11 @@ def kd_opts(teacher, out_dir) -> List[str]:
         "OUTPUT_DIR",
         str(out_dir),
     ]
+
+
+def kd_opts(teacher, out_dir) -> List[str]:
+    """Options that turn the Chen et al. KD config into a tiny run with the tiny teacher."""
+    return [*TINY_RCNN_OPTS, *teacher_opts(teacher, out_dir)]
 
 
 def build_cfg(config_file: str, opts: List[str]):

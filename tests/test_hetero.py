@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, run_train_net
+from conftest import TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, run_train_net, teacher_opts
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 
@@ -77,29 +77,15 @@ def rcnn_teacher(datasets_root, tmp_path_factory):
     )
 
 
-def _teacher_opts(teacher, out_dir):
-    config, weights = teacher
-    return [
-        "KD.TEACHER.CONFIG_FILE",
-        config,
-        "KD.TEACHER.WEIGHTS",
-        weights,
-        "OUTPUT_DIR",
-        str(out_dir),
-    ]
-
-
 def detr_to_rcnn(teacher, tmp_path, *extra):
     return build_model(
-        build_cfg(DETR_TO_RCNN, [*TINY_RCNN_OPTS, *_teacher_opts(teacher, tmp_path), *extra])
+        build_cfg(DETR_TO_RCNN, [*TINY_RCNN_OPTS, *teacher_opts(teacher, tmp_path), *extra])
     )
 
 
 def rcnn_to_detr(teacher, tmp_path, *extra):
     return build_model(
-        build_cfg(
-            RCNN_TO_DETR, [*TINY_DETR, *FEW_POINTS, *_teacher_opts(teacher, tmp_path), *extra]
-        )
+        build_cfg(RCNN_TO_DETR, [*TINY_DETR, *FEW_POINTS, *teacher_opts(teacher, tmp_path), *extra])
     )
 
 
@@ -429,10 +415,10 @@ def test_train_net_distils_and_evaluates(
 ):
     if direction == "detr_to_rcnn":
         args = ["--config-file", DETR_TO_RCNN, *TINY_RCNN_OPTS]
-        args += _teacher_opts(detr_teacher, tmp_path)
+        args += teacher_opts(detr_teacher, tmp_path)
     else:
         args = ["--config-file", RCNN_TO_DETR, *TINY_DETR, *FEW_POINTS]
-        args += _teacher_opts(rcnn_teacher, tmp_path)
+        args += teacher_opts(rcnn_teacher, tmp_path)
     run_train_net([*args, "SOLVER.MAX_ITER", "2"], datasets_root)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     logged = {k for m in metrics for k in m}
