@@ -108,15 +108,25 @@ def test_train_net_trains_evaluates_resumes_and_runs_two_processes(tmp_path):
     assert {"AP", "AP50", "AP75"} <= set(results["bbox"])
     assert os.path.isfile(out / "model_final.pth")
     # --resume continues after the last checkpoint with a longer schedule.
-    proc = subprocess.run([*cmd[:4], "--resume", *tiny, "SOLVER.MAX_ITER", "4",
-                           "DATASETS.TEST", "()"],
-                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*cmd[:4], "--resume", *tiny, "SOLVER.MAX_ITER", "4", "DATASETS.TEST", "()"],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting training from iteration 3" in proc.stdout + proc.stderr
     # Two CPU processes (gloo): no unused-parameter error, training completes.
     out2 = tmp_path / "ddp"
-    proc = subprocess.run([*cmd[:4], "--num-gpus", "2", *tiny, "OUTPUT_DIR", str(out2),
-                           "DATASETS.TEST", "()"],
-                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*cmd[:4], "--num-gpus", "2", *tiny, "OUTPUT_DIR", str(out2), "DATASETS.TEST", "()"],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(out2 / "model_final.pth")

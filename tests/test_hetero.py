@@ -8,7 +8,14 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, run_train_net, teacher_opts
+from conftest import (
+    TINY_DETR_OPTS,
+    TINY_RCNN_OPTS,
+    build_cfg,
+    run_train_net,
+    save_untrained_teacher,
+    teacher_opts,
+)
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 
@@ -41,22 +48,9 @@ TINY_DETR = [*TINY_DETR_OPTS, "MODEL.DETR.DEC_LAYERS", "2", "MODEL.DETR.NUM_QUER
 FEW_POINTS = ["KD.HETERO.DETR_STUDENT.NUM_RANDOM_POINTS", "6"]
 
 
-def _save_teacher(out, config_file, opts, seed):
-    """(config file, weights) of a freshly built tiny teacher, saved as a checkpoint.
-
-    Untrained weights are enough for the wiring; the loader still verifies every key and shape.
-    """
-    cfg = build_cfg(config_file, opts)
-    config, weights = out / "teacher.yaml", out / "teacher.pth"
-    config.write_text(cfg.dump())
-    torch.manual_seed(seed)
-    torch.save({"model": build_model(cfg).state_dict()}, weights)
-    return str(config), str(weights)
-
-
 @pytest.fixture(scope="module")
 def detr_teacher(datasets_root, tmp_path_factory):
-    return _save_teacher(
+    return save_untrained_teacher(
         tmp_path_factory.mktemp("hetero_detr_teacher"),
         "configs/kd_shapes/detr_teacher.yaml",
         [*TINY_DETR, "MODEL.DETR.DEC_LAYERS", "3", "MODEL.DETR.NUM_QUERIES", "10"],
@@ -69,7 +63,7 @@ def rcnn_teacher(datasets_root, tmp_path_factory):
     opts = list(TINY_RCNN_OPTS)
     i = opts.index("MODEL.FPN.OUT_CHANNELS")
     opts[i + 1] = "48"  # wider than the tiny student, as the real teacher is
-    return _save_teacher(
+    return save_untrained_teacher(
         tmp_path_factory.mktemp("hetero_rcnn_teacher"),
         "configs/kd_shapes/faster_rcnn_teacher.yaml",
         opts,

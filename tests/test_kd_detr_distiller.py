@@ -9,7 +9,14 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, TINY_DETR_OPTS, build_cfg, run_train_net
+from conftest import (
+    REPO,
+    TINY_DETR_OPTS,
+    assert_resume_equals_uninterrupted,
+    build_cfg,
+    run_train_net,
+    save_untrained_teacher,
+)
 
 from kd.losses.kd_detr import kd_detr_loss, paired_giou_loss
 from kd.meta_arch.kd_detr import GENERAL, SPECIFIC, KDDETRDistiller
@@ -29,19 +36,13 @@ TEACHER = ["MODEL.DETR.DEC_LAYERS", "3", "MODEL.DETR.NUM_QUERIES", "10"]
 
 @pytest.fixture(scope="module")
 def teacher(datasets_root, tmp_path_factory):
-    """(config file, weights) of a tiny DETR teacher: freshly built, saved as a checkpoint.
-
-    Untrained weights are enough for the wiring; the loader still verifies every key and shape.
-    """
-    from detectron2.modeling import build_model
-
-    out = tmp_path_factory.mktemp("kd_detr_teacher")
-    cfg = build_cfg("configs/kd_shapes/detr_teacher.yaml", [*TINY, *TEACHER])
-    config, weights = out / "teacher.yaml", out / "teacher.pth"
-    config.write_text(cfg.dump())
-    torch.manual_seed(1)
-    torch.save({"model": build_model(cfg).state_dict()}, weights)
-    return str(config), str(weights)
+    """(config file, weights) of a tiny, untrained DETR teacher."""
+    return save_untrained_teacher(
+        tmp_path_factory.mktemp("kd_detr_teacher"),
+        "configs/kd_shapes/detr_teacher.yaml",
+        [*TINY, *TEACHER],
+        seed=1,
+    )
 
 
 def kd_opts(teacher, out_dir, *extra):
@@ -346,6 +347,14 @@ def test_train_net_trains_and_evaluates(teacher, datasets_root, tmp_path):
     for term in ("cls", "l1", "giou"):
         assert math.isfinite(last[f"loss_kd_kd_detr_{term}"]), term
     assert "loss_class" in last and "loss_class_dn" in last
+
+
+def test_resume_equals_uninterrupted(teacher, datasets_root, tmp_path):
+    """The general points are drawn from the global RNG every step: a resumed run draws the same
+    ones as an uninterrupted run only if the checkpoint restores the RNG state."""
+    assert_resume_equals_uninterrupted(
+        str(REPO / KD_CONFIG), lambda out: kd_opts(teacher, out), datasets_root, tmp_path
+    )
 
 
 def test_visualize_points_answers_mode(teacher, tmp_path):

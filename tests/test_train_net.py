@@ -7,15 +7,17 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY_RCNN_OPTS, build_cfg, kd_opts, run_train_net
+from conftest import (
+    REPO,
+    TINY_RCNN_OPTS,
+    assert_resume_equals_uninterrupted,
+    build_cfg,
+    kd_opts,
+    run_train_net,
+)
 
 KD_CONFIG = "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml"
 STUDENT_CONFIG = "configs/kd_shapes/faster_rcnn_student.yaml"
-
-
-def _student_weights(path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    return {k: v for k, v in state.items() if k.startswith("student.")}
 
 
 def test_train_eval_and_resume(datasets_root, tiny_teacher, tmp_path):
@@ -59,53 +61,9 @@ def test_train_eval_and_resume(datasets_root, tiny_teacher, tmp_path):
 
 
 def test_resume_equals_uninterrupted(datasets_root, tiny_teacher, tmp_path):
-    """A run stopped at a checkpoint and resumed ends with the same student weights.
-
-    The interrupted run is trained to iteration 3 of 6 (its last checkpoint); the learning-rate
-    schedule is defined in iterations, so resuming it with MAX_ITER 6 is the same schedule.
-    """
-    common = ["SOLVER.STEPS", "(4,)", "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "3"]
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run_train_net(
-        [
-            "--config-file",
-            KD_CONFIG,
-            *kd_opts(tiny_teacher, straight),
-            *common,
-            "SOLVER.MAX_ITER",
-            "6",
-        ],
-        datasets_root,
+    assert_resume_equals_uninterrupted(
+        KD_CONFIG, lambda out: kd_opts(tiny_teacher, out), datasets_root, tmp_path
     )
-    run_train_net(
-        [
-            "--config-file",
-            KD_CONFIG,
-            *kd_opts(tiny_teacher, interrupted),
-            *common,
-            "SOLVER.MAX_ITER",
-            "3",
-        ],
-        datasets_root,
-    )
-    at_interruption = _student_weights(interrupted / "model_final.pth")
-    run_train_net(
-        [
-            "--config-file",
-            KD_CONFIG,
-            "--resume",
-            *kd_opts(tiny_teacher, interrupted),
-            *common,
-            "SOLVER.MAX_ITER",
-            "6",
-        ],
-        datasets_root,
-    )
-    a = _student_weights(straight / "model_final.pth")
-    b = _student_weights(interrupted / "model_final.pth")
-    assert a.keys() == b.keys() and len(a) > 50
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], at_interruption[k]) for k in a)  # it trained after resuming
 
 
 def test_two_cpu_processes_end_with_identical_students(datasets_root, tiny_teacher, tmp_path):
