@@ -4,6 +4,7 @@
 (``kd.modeling``) and the datasets found under ``$DETECTRON2_DATASETS`` (``kd.data``).
 ``kd.config.add_kd_config`` adds every ``KD.*`` key.
 """
+
 from kd import compat
 
 compat.install_import_hook()
