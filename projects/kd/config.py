@@ -184,10 +184,11 @@ def _add_kd_detr_keys(cfg: CN) -> None:
     # False switches specific sampling off (ablation "general only").
     _k.SPECIFIC_POINTS = True
     # Content query the teacher decodes its anchors with (the student always uses zeros, since
-    # its own content queries do not correspond to the teacher's). "zero": both models answer
+    # its own content queries do not correspond to the teacher's). "zeros": both models answer
     # the identical query, as in the paper's DAB-DETR, whose content queries are zeros [paper];
     # "learned": the teacher's own learned content, i.e. its detection answers. [open]
-    _k.SPECIFIC_TEACHER_CONTENT = "zero"
+    # (Spelled as KD.HETERO.DETR_CONTENT's "zeros".)
+    _k.SPECIFIC_TEACHER_CONTENT = "zeros"
 
     # ---- the loss at every point: w_i [cls * KL(c_t || c_s) + l1 * L1 + giou * (1 - GIoU)]
     # w_i = the teacher's top sigmoid class probability at the point [paper]; False: w_i = 1

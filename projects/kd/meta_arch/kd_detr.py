@@ -44,7 +44,7 @@ TERMS = ("cls", "l1", "giou")
 # The point sets, in the order they are decoded.
 GENERAL, SPECIFIC = "general", "specific"
 DISTRIBUTIONS = ("uniform", "sigmoid_normal")
-TEACHER_CONTENTS = ("zero", "learned")
+TEACHER_CONTENTS = ("zeros", "learned")
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class KDDETRDistiller(Distiller):
         num_general_points: int = 300,
         general_distribution: str = "uniform",
         specific_points: bool = True,
-        specific_teacher_content: str = "zero",
+        specific_teacher_content: str = "zeros",
         foreground_weight: bool = True,
         temperature: float = 10.0,
         cls_weight: float = 1.0,
@@ -115,7 +115,7 @@ class KDDETRDistiller(Distiller):
             num_general_points: M_g, random boxes per image and iteration; 0: no general points.
             general_distribution: "uniform" or "sigmoid_normal" (:func:`sample_general_points`).
             specific_points: distil at the teacher's own query anchors.
-            specific_teacher_content: "zero" or "learned": the content query the teacher decodes
+            specific_teacher_content: "zeros" or "learned": the content query the teacher decodes
                 its anchors with (the student always uses zeros).
             foreground_weight: weight each point by the teacher's top class probability.
             temperature, cls_weight, l1_weight, giou_weight, normalize: of
