@@ -152,6 +152,17 @@ def tiny_teacher(datasets_root, tmp_path_factory):
     return str(config), str(weights)
 
 
+def load_script(relative_path: str):
+    """A script of the repository (``tools/x.py``) imported as a module."""
+    import importlib.util
+
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def save_untrained_teacher(out: Path, config_file: str, opts: List[str], seed: int):
     """(config file, weights) of a freshly built tiny teacher, saved as a checkpoint.
 

@@ -5,11 +5,9 @@ CI has no GPU, so the step runs under CPU autocast (bfloat16); the code paths (h
 model outputs meeting float32 targets and losses) are the ones CUDA AMP takes with float16.
 """
 
-import importlib.util
-
 import pytest
 import torch
-from conftest import REPO, TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg
+from conftest import REPO, TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, load_script
 
 from kd.losses import gi_feature_loss, hint_loss, kd_detr_loss
 
@@ -36,13 +34,6 @@ def test_losses_upcast_half_inputs_to_float32():
     assert all(v.dtype == torch.float32 for v in terms.values())
 
 
-def _load_benchmark_kd():
-    spec = importlib.util.spec_from_file_location("benchmark_kd", REPO / "tools/benchmark_kd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "config",
     [
@@ -57,7 +48,7 @@ def test_distiller_trains_under_autocast(config, datasets_root, tmp_path, one_th
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    bk = _load_benchmark_kd()
+    bk = load_script("tools/benchmark_kd.py")
     path = f"configs/kd_shapes/{config}"
     if config.startswith("detr"):
         tiny = [*TINY_DETR_OPTS, "MODEL.DETR.NUM_QUERIES", "10", "MODEL.DETR.DEC_LAYERS", "2"]

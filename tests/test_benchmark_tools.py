@@ -1,21 +1,13 @@
 """tools/benchmark_table.py (aggregation, skip/resume plan, report) and tools/benchmark_kd.py."""
 
-import importlib.util
 import json
 import math
 
-from conftest import REPO, TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, load_script
 
 
 def test_summarize_means_stds_and_paired_gain():
-    bt = _load("benchmark_table")
+    bt = load_script("tools/benchmark_table.py")
     base = {1: {"AP": 10.0, "AP50": 20.0, "AP75": 5.0}, 2: {"AP": 12.0, "AP50": 22.0, "AP75": 7.0}}
     kd = {
         1: {"AP": 13.0, "AP50": 25.0, "AP75": 9.0},
@@ -32,7 +24,7 @@ def test_summarize_means_stds_and_paired_gain():
 
 
 def test_plan_and_report_from_finished_runs(tmp_path):
-    bt = _load("benchmark_table")
+    bt = load_script("tools/benchmark_table.py")
     args = bt.argparse.Namespace(
         output=str(tmp_path),
         seeds=[1, 2],
@@ -69,7 +61,7 @@ def test_plan_and_report_from_finished_runs(tmp_path):
 
 
 def test_plan_method_filter_words_and_exact_titles(tmp_path):
-    bt = _load("benchmark_table")
+    bt = load_script("tools/benchmark_table.py")
 
     def titles(*methods):
         args = bt.argparse.Namespace(
@@ -96,7 +88,7 @@ def test_plan_method_filter_words_and_exact_titles(tmp_path):
 
 
 def test_benchmark_kd_reports_overhead(datasets_root):
-    bk = _load("benchmark_kd")
+    bk = load_script("tools/benchmark_kd.py")
     out = datasets_root / "bench.json"
     bk.main(
         [
@@ -122,7 +114,7 @@ def test_benchmark_kd_reports_overhead(datasets_root):
 def test_benchmark_kd_times_the_point_decoding(datasets_root, tmp_path):
     """A distiller with ``prepare_point_decoding`` (KD-DETR) gets a ``points`` phase, counted in
     the floor."""
-    bk = _load("benchmark_kd")
+    bk = load_script("tools/benchmark_kd.py")
     # A tiny random teacher (the tool saves one when the weights file does not exist).
     teacher = tmp_path / "teacher.yaml"
     tiny = [*TINY_DETR_OPTS, "MODEL.DETR.NUM_QUERIES", "10"]
@@ -153,7 +145,7 @@ def test_benchmark_kd_times_the_point_decoding(datasets_root, tmp_path):
 
 
 def test_report_heterogeneous_row_shows_its_own_teacher(tmp_path):
-    bt = _load("benchmark_table")
+    bt = load_script("tools/benchmark_table.py")
     args = bt.argparse.Namespace(
         output=str(tmp_path),
         seeds=[1],

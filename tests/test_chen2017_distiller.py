@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch
-from conftest import build_cfg, kd_opts
+from conftest import REPO, TINY_DATASET, TINY_RCNN_OPTS, build_cfg, kd_opts, load_script
 
 pytestmark = pytest.mark.usefixtures("event_storage")
 
 KD_CONFIG = "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml"
+STUDENT_CONFIG = "configs/kd_shapes/faster_rcnn_student.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +162,76 @@ def test_low_resolution_student(tiny_teacher, tmp_path, batch):
 def test_rpn_terms_refused_for_low_resolution(tiny_teacher, tmp_path):
     with pytest.raises(ValueError, match="INPUT_SCALE"):
         build(tiny_teacher, tmp_path, "KD.STUDENT.INPUT_SCALE", "0.5")
+
+
+def test_visualize_predictions_mode(tiny_teacher, datasets_root, tmp_path):
+    """``--mode predictions`` draws, per model, exactly the detections that model makes alone
+    (detectron2's DefaultPredictor on the image file) above the threshold, and counts the ground
+    truth they cover at IoU >= 0.5 (torchvision's box_iou on the annotations)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+    from detectron2.engine import DefaultPredictor
+    from detectron2.modeling import build_model
+    from detectron2.structures import BoxMode
+    from torchvision.ops import box_iou
+
+    threshold = 0.06
+    student_cfg = build_cfg(STUDENT_CONFIG, TINY_RCNN_OPTS)
+    checkpoints = {}
+    for name, seed in (("baseline student", 5), ("distilled student", 6)):
+        torch.manual_seed(seed)
+        checkpoints[name] = str(tmp_path / f"{seed}.pth")
+        torch.save({"model": build_model(student_cfg).state_dict()}, checkpoints[name])
+    tool = load_script("tools/visualize_points.py")
+    totals = tool.main(
+        [
+            "--mode",
+            "predictions",
+            "--config-file",
+            str(REPO / KD_CONFIG),
+            "--checkpoint",
+            checkpoints["distilled student"],
+            "--baseline-checkpoint",
+            checkpoints["baseline student"],
+            "--output",
+            str(tmp_path / "vis"),
+            "--num-images",
+            "3",
+            "--score-thresh",
+            str(threshold),
+            *kd_opts(tiny_teacher, tmp_path),
+        ]
+    )
+    assert list(totals) == ["teacher", "baseline student", "distilled student"]
+    assert len(list((tmp_path / "vis").glob("*.png"))) == 3
+
+    teacher_config, teacher_weights = tiny_teacher
+    configs = {
+        "teacher": (build_cfg(teacher_config, []), teacher_weights),
+        "baseline student": (student_cfg, checkpoints["baseline student"]),
+        "distilled student": (student_cfg, checkpoints["distilled student"]),
+    }
+    images = DatasetCatalog.get(f"{TINY_DATASET}_val")[:3]
+    for name, (cfg, weights) in configs.items():
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = weights
+        predictor = DefaultPredictor(cfg)
+        detections = covered = ground_truth = 0
+        for d in images:
+            found = predictor(read_image(d["file_name"], format=cfg.INPUT.FORMAT))["instances"]
+            boxes = found.pred_boxes.tensor[found.scores >= threshold]
+            gt = torch.tensor(
+                [
+                    BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                    for a in d["annotations"]
+                ]
+            ).reshape(-1, 4)
+            detections += len(boxes)
+            ground_truth += len(gt)
+            if len(boxes) and len(gt):
+                covered += int((box_iou(gt, boxes).max(dim=1).values >= 0.5).sum())
+        counts = totals[name]
+        assert counts["positive"] + counts["near"] + counts["background"] == detections, name
+        assert (counts["ground_truth"], counts["covered"]) == (ground_truth, covered), name
+    assert sum(totals[n]["positive"] + totals[n]["near"] + totals[n]["background"] for n in totals)

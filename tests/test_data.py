@@ -1,6 +1,5 @@
 """The synthetic kd_shapes generator, folder-dataset registration and dataset validation."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -9,6 +8,7 @@ from typing import Dict, List
 
 import numpy as np
 import pytest
+from conftest import load_script
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from PIL import Image
@@ -128,11 +128,7 @@ def test_image_does_not_depend_on_count_and_stale_images_are_removed(tmp_path):
 
 
 def test_cli_matches_library(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "prepare_synthetic", REPO / "datasets" / "prepare_synthetic.py"
-    )
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("datasets/prepare_synthetic.py")
     common = ["--seed", "4", "--num-train", "3", "--num-val", "2", "--image-size", "48"]
     cli.main(["--root", str(tmp_path / "cli"), "--name", "viacli", *common])
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_DATASET, build_cfg
+from conftest import REPO, TINY_DATASET, build_cfg, load_script
 
 FAMILIES = ("retinanet", "fcos", "faster_rcnn")
 GID_TERMS = ("feature", "relation", "response_cls", "response_reg")
@@ -190,13 +190,7 @@ def test_train_net_runs(family, teachers, tmp_path):
 
 def test_visualize_points(teachers, tmp_path):
     """tools/visualize_points.py draws the GI boxes of validation images, classified by IoU."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "visualize_points", REPO / "tools" / "visualize_points.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/visualize_points.py")
     out = tmp_path / "vis"
     totals = tool.main(
         [

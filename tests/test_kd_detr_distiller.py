@@ -3,7 +3,6 @@ detection path, the loss wiring (layers, point sets, foreground weights), the fr
 short run through train_net.py and the answers mode of tools/visualize_points.py."""
 
 import copy
-import importlib.util
 import json
 import math
 
@@ -14,6 +13,7 @@ from conftest import (
     TINY_DETR_OPTS,
     assert_resume_equals_uninterrupted,
     build_cfg,
+    load_script,
     run_train_net,
     save_untrained_teacher,
 )
@@ -358,11 +358,7 @@ def test_resume_equals_uninterrupted(teacher, datasets_root, tmp_path):
 
 
 def test_visualize_points_answers_mode(teacher, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "visualize_points", REPO / "tools" / "visualize_points.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/visualize_points.py")
     out = tmp_path / "vis"
     totals = tool.main(
         [

@@ -27,6 +27,18 @@ many teacher answers are positives (IoU >= 0.5 with the ground truth). General p
 
     python tools/visualize_points.py --config-file configs/kd_shapes/detr_kd_detr.yaml \\
         --checkpoint output/kd_shapes/detr_kd_detr/model_final.pth --output vis/kd_detr
+
+Predictions mode (``--mode predictions``): what the distillation changed. Panels: the ground
+truth, the teacher's detections, the baseline student's (``--baseline-checkpoint``, a plain
+student checkpoint of the same architecture; its panel is left out without one) and the distilled
+student's, each with score >= ``--score-thresh`` and coloured by IoU with the ground truth as in
+points mode (classes are not compared). ``summary.json`` counts the three kinds per model, the
+ground-truth boxes some detection covers at IoU >= 0.5 and that recall.
+
+    python tools/visualize_points.py --mode predictions \\
+        --config-file configs/kd_shapes/faster_rcnn_kd_chen2017.yaml \\
+        --checkpoint output/demo/kd_chen2017/model_final.pth \\
+        --baseline-checkpoint output/demo/baseline/model_final.pth --output vis/demo
 """
 
 import argparse
@@ -53,7 +65,16 @@ from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 import kd  # noqa: E402,F401  (registers the distillers and datasets)
 from kd.config import add_kd_config  # noqa: E402
 
-__all__ = ["register_points", "points_of", "classify", "render", "render_answers", "main"]
+__all__ = [
+    "register_points",
+    "points_of",
+    "predictions_of",
+    "classify",
+    "covered",
+    "render",
+    "render_answers",
+    "main",
+]
 
 POSITIVE, NEAR = 0.5, 0.3
 COLOURS = {"positive": (0, 200, 0), "near": (255, 150, 0), "background": (230, 30, 30)}
@@ -86,6 +107,43 @@ def points_of(model: torch.nn.Module, batched_inputs: List[dict]) -> List[Dict[s
         f"{type(model).__name__} exposes no distillation points: give it a "
         "distillation_points(batched_inputs) method or register a function with register_points"
     )
+
+
+def predictions_of(
+    model: torch.nn.Module,
+    x: dict,
+    score_thresh: float,
+    baseline: Optional[torch.nn.Module] = None,
+) -> Dict[str, Boxes]:
+    """The detections of the teacher, the baseline student (if given) and the distilled student
+    for one input, in the input image's coordinates, those scoring at least ``score_thresh``.
+
+    Args:
+        model: a distiller in eval mode.
+        x: one mapped input (``image``, ``height``, ``width``).
+        score_thresh: the lowest score drawn.
+        baseline: a plain student model in eval mode, or None.
+    """
+    # Ask for the input's own size, so that every model's boxes land on the drawn image.
+    h, w = x["image"].shape[-2:]
+    x = dict(x, height=h, width=w)
+    x.pop("instances", None)
+    runs = {"teacher": lambda: model.teacher(model.teacher_inputs([x]))}
+    if baseline is not None:
+        runs["baseline student"] = lambda: baseline(model.student_inputs([x]))
+    runs["distilled student"] = lambda: model([x])
+    out = {}
+    for name, run in runs.items():
+        instances = run()[0]["instances"].to("cpu")
+        out[name] = instances.pred_boxes[instances.scores >= score_thresh]
+    return out
+
+
+def covered(boxes: Boxes, gt: Boxes) -> int:
+    """How many ``gt`` boxes some box of ``boxes`` covers at IoU >= 0.5."""
+    if len(gt) == 0 or len(boxes) == 0:
+        return 0
+    return int((pairwise_iou(gt, boxes).max(dim=1).values >= POSITIVE).sum())
 
 
 def classify(points: Boxes, gt: Boxes) -> List[str]:
@@ -222,6 +280,15 @@ def setup(args) -> CfgNode:
     return cfg
 
 
+def load_baseline(model: torch.nn.Module, path: str) -> Optional[torch.nn.Module]:
+    """A copy of the distiller's student with a baseline run's (plain student) weights."""
+    if not path:
+        return None
+    baseline = copy.deepcopy(model.student)
+    DetectionCheckpointer(baseline).load(path)
+    return baseline.eval()
+
+
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     """A distiller checkpoint into the distiller, a plain student checkpoint into its student."""
     if not path:
@@ -243,10 +310,19 @@ def main(argv=None) -> Dict[str, Dict[str, int]]:
     parser.add_argument("--scale", type=int, default=4, help="drawing upsampling factor")
     parser.add_argument(
         "--mode",
-        choices=("auto", "points", "answers"),
+        choices=("auto", "points", "answers", "predictions"),
         default="auto",
         help="points: boxes coloured by IoU with the ground truth; answers: points with the "
-        "teacher's and student's answers (KD-DETR); auto: answers when the distiller has them",
+        "teacher's and student's answers (KD-DETR); auto: answers when the distiller has them; "
+        "predictions: the teacher's, baseline's and distilled student's detections",
+    )
+    parser.add_argument(
+        "--baseline-checkpoint",
+        default="",
+        help="predictions mode: a baseline student's weights (same architecture as the student)",
+    )
+    parser.add_argument(
+        "--score-thresh", type=float, default=0.5, help="predictions mode: lowest score drawn"
     )
     parser.add_argument("--top-k", type=int, default=10, help="answers mode: points drawn per set")
     parser.add_argument("--seed", type=int, default=0, help="RNG seed (random general points)")
@@ -257,6 +333,8 @@ def main(argv=None) -> Dict[str, Dict[str, int]]:
     model = build_model(cfg)
     load_checkpoint(model, args.checkpoint)
     model.eval()
+    predictions_mode = args.mode == "predictions"
+    baseline = load_baseline(model, args.baseline_checkpoint) if predictions_mode else None
     answers_mode = args.mode == "answers" or (
         args.mode == "auto" and hasattr(model, "distillation_answers")
     )
@@ -286,6 +364,12 @@ def main(argv=None) -> Dict[str, Dict[str, int]]:
                 picture, counts = render_answers(
                     image, gt, model.distillation_answers([x])[0], args.top_k, args.scale
                 )
+            elif predictions_mode:
+                detections = predictions_of(model, x, args.score_thresh, baseline)
+                picture, counts = render(image, gt, detections, args.scale)
+                for name, boxes in detections.items():
+                    counts[name]["ground_truth"] = len(gt)
+                    counts[name]["covered"] = covered(boxes.to("cpu"), gt.to("cpu"))
             else:
                 picture, counts = render(image, gt, points_of(model, [x])[0], args.scale)
         name = os.path.splitext(os.path.basename(d["file_name"]))[0]
@@ -294,12 +378,13 @@ def main(argv=None) -> Dict[str, Dict[str, int]]:
             t = totals.setdefault(set_name, dict.fromkeys(c, 0))
             for k, v in c.items():
                 t[k] += v
-    if answers_mode:
-        # Per-image means -> means over the images; counts stay totals.
-        for t in totals.values():
+    for t in totals.values():
+        if answers_mode:  # per-image means -> means over the images; counts stay totals
             for k in ("teacher_score", "student_score", "answer_iou"):
                 t[k] /= max(len(dicts), 1)
-    key = "answers" if answers_mode else "points"
+        if predictions_mode:
+            t["recall"] = t["covered"] / max(t["ground_truth"], 1)
+    key = "answers" if answers_mode else "predictions" if predictions_mode else "points"
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump({"images": len(dicts), key: totals}, f, indent=1)
     print(json.dumps({"images": len(dicts), key: totals}))
