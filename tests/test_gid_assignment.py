@@ -193,6 +193,31 @@ def test_per_level_adapters_each_get_gradients():
         assert has_grad == (level in used)
 
 
+@pytest.mark.parametrize("counts", [[4, 4, 4], [4, 2, 5, 3]])
+def test_relation_loss_is_the_mean_over_images_with_enough_instances(counts):
+    """Equal counts take the batched pass, unequal ones the per-image one: both are the mean of
+    each image's own relation loss (computed here with torch.cdist) over images with >= 3 GIs."""
+    import torch.nn.functional as F
+
+    gid = _pair("retinanet", *GID_56).gid
+    torch.manual_seed(0)
+    student = torch.randn(sum(counts), 3, 2, 2, dtype=torch.float64)
+    teacher = torch.randn(sum(counts), 5, 2, 2, dtype=torch.float64)
+
+    def normalised(x):
+        d = torch.cdist(x.flatten(1), x.flatten(1))
+        return d / (d.sum() / (len(x) ** 2 - len(x)))
+
+    expected = [
+        F.smooth_l1_loss(normalised(s), normalised(t), reduction="sum") / (len(s) ** 2 - len(s))
+        for s, t in zip(student.split(counts), teacher.split(counts))
+        if len(s) >= 3
+    ]
+    got = gid.relation_loss(student, teacher, counts)
+    assert got.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-9)
+    assert gid.relation_loss(student[:4], teacher[:4], [2, 2]).item() == 0.0
+
+
 def test_selection_clips_and_drops_boxes_outside_the_image():
     distiller = _pair("retinanet", *GID_56)
     t_probs = torch.tensor([[[0.9], [0.8], [0.1]]])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from kd.losses.gid import (
     gi_feature_loss,
     gi_relation_loss,
+    gi_relation_losses,
     gi_response_loss,
     gi_scores,
     greedy_nms_first_k,
@@ -235,6 +236,36 @@ def test_relation_loss_scale_invariant_and_dims_may_differ():
     assert gi_relation_loss(student.view(5, 2, 2, 2), teacher).item() == pytest.approx(base.item())
     # The same geometry on both sides gives zero.
     assert gi_relation_loss(student, 3.0 * student).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def _relation_by_cdist(student, teacher):
+    """The relation loss of one image by a second method: torch.cdist distance matrices."""
+
+    def normalised(x):
+        d = torch.cdist(x.flatten(1), x.flatten(1))
+        k = d.shape[0]
+        return d / (d.sum() / (k * k - k))
+
+    k = student.shape[0]
+    return F.smooth_l1_loss(normalised(student), normalised(teacher), reduction="sum") / (k * k - k)
+
+
+def test_relation_losses_batched_equals_each_image_alone():
+    torch.manual_seed(0)
+    student = torch.randn(3, 5, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 5, 4, 3, 3, dtype=torch.float64)
+    losses = gi_relation_losses(student, teacher)
+    assert losses.shape == (3,)
+    for i in range(3):
+        expected = _relation_by_cdist(student[i].detach(), teacher[i])
+        assert losses[i].item() == pytest.approx(expected.item(), rel=1e-9)
+        assert gi_relation_loss(student[i], teacher[i]).item() == pytest.approx(losses[i].item())
+    # Images do not interact: changing image 0 leaves the others' losses as they are.
+    moved = student.detach().clone()
+    moved[0] = torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    assert torch.equal(gi_relation_losses(moved, teacher)[1:], losses[1:].detach())
+    losses.sum().backward()
+    assert torch.isfinite(student.grad).all()
 
 
 def test_relation_loss_too_few_instances_is_zero():

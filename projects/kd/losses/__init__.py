@@ -12,6 +12,7 @@ from .chen2017 import (
 from .gid import (
     gi_feature_loss,
     gi_relation_loss,
+    gi_relation_losses,
     gi_response_loss,
     gi_scores,
     select_general_instances,
@@ -27,6 +28,7 @@ __all__ = [
     "select_general_instances",
     "gi_feature_loss",
     "gi_relation_loss",
+    "gi_relation_losses",
     "gi_response_loss",
     "box_cxcywh_to_xyxy",
     "paired_giou_loss",

@@ -10,7 +10,7 @@ top K after NMS. Those GI boxes are the distillation points of three losses:
   :class:`ROIPooler`), the student's instance feature adapted to the teacher's channels by a
   trained 1x1 convolution, L2 (:func:`kd.losses.gid.gi_feature_loss`);
 * relation: within each image, the normalised pairwise distances of the instance features
-  (:func:`kd.losses.gid.gi_relation_loss`);
+  (:func:`kd.losses.gid.gi_relation_losses`);
 * response: the detector's own label assignment applied to the GI boxes masks the dense outputs,
   then BCE against the teacher's sigmoid scores and L1 on the deltas
   (:func:`kd.losses.gid.gi_response_loss`).
@@ -42,6 +42,7 @@ from torch import nn
 from kd.losses.gid import (
     gi_feature_loss,
     gi_relation_loss,
+    gi_relation_losses,
     gi_response_loss,
     select_general_instances_batched,
 )
@@ -306,17 +307,38 @@ class GeneralInstanceDistillation(nn.Module):
             # Averaged over the instances of the batch (= per image when every image has K).
             losses[PREFIX + "feature"] = self.feature_weight * gi_feature_loss(s_rois, t_rois)
         if self.relation_weight > 0:
-            counts = [len(b) for b in gi_boxes]
-            terms = [
-                gi_relation_loss(s, t, min_instances=self.relation_min_instances)
-                for s, t in zip(s_rois.split(counts), t_rois.split(counts))
-                if len(s) >= self.relation_min_instances
-            ]
-            # Mean over the images that have enough instances; instances are never pooled
-            # across images.
-            relation = torch.stack(terms).mean() if terms else s_rois.sum() * 0.0
+            relation = self.relation_loss(s_rois, t_rois, [len(b) for b in gi_boxes])
             losses[PREFIX + "relation"] = self.relation_weight * relation
         return losses
+
+    def relation_loss(
+        self, student_rois: torch.Tensor, teacher_rois: torch.Tensor, counts: List[int]
+    ) -> torch.Tensor:
+        """Mean relation loss over the images with enough instances (unweighted).
+
+        Args:
+            student_rois, teacher_rois: (M, C, h, w) pooled features of every image's GIs, image
+                after image.
+            counts: the number of GIs of each image (summing to M).
+        """
+        minimum = max(self.relation_min_instances, 2)
+        zero = student_rois.sum() * 0.0
+        if len(set(counts)) == 1:
+            # Nearly always: every image keeps K of its thousands of candidates. One batched
+            # pass over the images (instances are still only compared within their image).
+            if counts[0] < minimum:
+                return zero
+            n, k = len(counts), counts[0]
+            return gi_relation_losses(
+                student_rois.view(n, k, *student_rois.shape[1:]),
+                teacher_rois.view(n, k, *teacher_rois.shape[1:]),
+            ).mean()
+        terms = [
+            gi_relation_loss(s, t, min_instances=minimum)
+            for s, t in zip(student_rois.split(counts), teacher_rois.split(counts))
+            if len(s) >= minimum
+        ]
+        return torch.stack(terms).mean() if terms else zero
 
     # ------------------------------------------------------------------ response
     def response_losses(
@@ -409,22 +431,31 @@ def matcher_foreground(matcher: Matcher, gi_boxes: List[Boxes], anchors: Boxes) 
     for i, b in enumerate(gi_boxes):
         gt[i, : len(b)] = b.tensor
         valid[i, : len(b)] = True
-    # detectron2's pairwise_iou, the same operations (so the same values), batched: (N, M, R),
-    # on contiguous coordinate planes.
+    # detectron2's pairwise_iou, one GI box of every image at a time: (N, R) planes that stay in
+    # cache, instead of an (N, M, R) tensor whose every temporary is fresh memory (5x slower per
+    # operation on CPU). Its ``where(inter > 0, inter / union, 0)`` is left out: an anchor has an
+    # area, so union > 0 and inter / union is already exactly 0 where inter is.
     ax1, ay1, ax2, ay2 = (c.contiguous() for c in a.unbind(dim=1))
-    gx1, gy1, gx2, gy2 = (c[..., None] for c in gt.unbind(dim=-1))
-    inter = (torch.min(gx2, ax2) - torch.max(gx1, ax1)).clamp_(min=0)
-    inter.mul_((torch.min(gy2, ay2) - torch.max(gy1, ay1)).clamp_(min=0))
-    union = (gx2 - gx1) * (gy2 - gy1) + anchors.area() - inter
-    iou = torch.where(inter > 0, inter / union, torch.zeros_like(inter))
-    best = iou.masked_fill(~valid[..., None], float("-inf")).max(dim=1).values  # (N, R)
+    area = anchors.area()
+    best = torch.full((n, r), float("-inf"), dtype=a.dtype, device=a.device)
+    low_quality = torch.zeros((n, r), dtype=torch.bool, device=a.device)
+    for j in range(m):
+        gx1, gy1, gx2, gy2 = (c[:, None] for c in gt[:, j].unbind(dim=-1))  # (N, 1) each
+        inter = torch.min(gx2, ax2).sub_(torch.max(gx1, ax1)).clamp_(min=0)
+        inter.mul_(torch.min(gy2, ay2).sub_(torch.max(gy1, ay1)).clamp_(min=0))
+        iou = inter.div_(((gx2 - gx1) * (gy2 - gy1) + area).sub_(inter))
+        # A padding row (an image with fewer boxes) takes part in nothing.
+        iou.masked_fill_(~valid[:, j, None], float("-inf"))
+        torch.max(best, iou, out=best)
+        if matcher.allow_low_quality_matches:
+            # Each GI box's best anchors, ties included, become foreground.
+            low_quality |= (iou == iou.max(dim=1, keepdim=True).values) & valid[:, j, None]
+    # An image without boxes keeps -inf: the lowest bin, as Matcher labels an empty ground truth.
     labels = torch.ones((n, r), dtype=torch.int8, device=a.device)
     for label, low, high in zip(matcher.labels, matcher.thresholds[:-1], matcher.thresholds[1:]):
         labels[(best >= low) & (best < high)] = label
     if matcher.allow_low_quality_matches:
-        # Each GI box's best anchors, ties included, become foreground.
-        top = iou.max(dim=2, keepdim=True).values
-        labels[((iou == top) & valid[..., None]).any(dim=1)] = 1
+        labels[low_quality] = 1
     return labels == 1
 
 
@@ -558,6 +589,10 @@ class _DenseGIDDistiller(Distiller):
 
     def forward_train(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
         student = self.student
+        # The teacher first: its transient activations are freed before the student's graph is
+        # built, whose forward then reuses that memory. Run after the student, the same teacher
+        # work took about 60 ms more per iteration (RetinaNet, CPU: 370 ms vs 305 ms alone).
+        teacher_out = self._teacher_dense(batched_inputs) if self.gid.enabled else None
         images = student.preprocess_image(batched_inputs)
         gt_instances = gt_instances_of(batched_inputs, self.device)
         features = student.backbone(images.tensor)
@@ -569,7 +604,7 @@ class _DenseGIDDistiller(Distiller):
 
         dense = self._dense(student, predictions)
         anchors = student.anchor_generator(head_features)
-        t_features, t_dense = self._teacher_dense(batched_inputs)
+        t_features, t_dense = teacher_out
         gi_boxes = self._select(dense, t_dense, anchors, images.image_sizes)
         losses.update(self.gid.feature_losses(features, t_features, gi_boxes))
         mask = None
