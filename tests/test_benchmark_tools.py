@@ -108,6 +108,7 @@ def test_benchmark_kd_reports_overhead(datasets_root):
     assert row["random_teacher"]  # the configured teacher file does not exist in tests
     assert math.isclose(row["floor"], t["student"] + t["teacher"])
     assert math.isclose(row["overhead"], t["kd"] / row["floor"])
+    assert row["overhead_range"] == [row["overhead"], row["overhead"]]  # one round
     assert set(row["peak_memory_mb"]) == {"student", "teacher", "kd"}
 
 
@@ -136,12 +137,34 @@ def test_benchmark_kd_times_the_point_decoding(datasets_root, tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     t = row["seconds"]
     assert row["method"] == "KDDETRDistiller" and t["points"] > 0
-    assert math.isclose(row["floor"], t["student"] + t["teacher"] + t["points"])
+    # The floor of a training iteration: the decoding with the backward of the student's part.
+    assert math.isclose(row["floor"], t["student"] + t["teacher"] + t["points+bwd"])
     assert math.isclose(row["overhead"], t["kd"] / row["floor"])
-    # The train floor: the same decoding with the backward of the student's part.
-    assert math.isclose(row["floor_train"], t["student"] + t["teacher"] + t["points+bwd"])
-    assert math.isclose(row["overhead_train"], t["kd"] / row["floor_train"])
+    # The lower floor: the decoding forward only.
+    assert math.isclose(row["floor_forward"], t["student"] + t["teacher"] + t["points"])
+    assert math.isclose(row["overhead_forward"], t["kd"] / row["floor_forward"])
     assert set(row["peak_memory_mb"]) == {"student", "teacher", "kd", "points", "points+bwd"}
+
+
+def test_benchmark_kd_overhead_is_the_median_of_per_round_ratios():
+    bk = load_script("tools/benchmark_kd.py")
+    times = {
+        "student": [1.0, 2.0, 1.0],
+        "teacher": [1.0, 1.0, 0.5],
+        "points": [0.5, 0.5, 0.5],
+        "points+bwd": [1.0, 1.0, 1.0],
+        "kd": [3.3, 4.0, 3.0],
+    }
+    # Rounds: 3.3 / 3 = 1.1, 4 / 4 = 1.0, 3 / 2.5 = 1.2: median 1.1, range 1.0-1.2. The floor is
+    # the sum of the phases' medians, 1 + 1 + 1.
+    row = bk.ratio_to_floor(times, "points+bwd")
+    assert math.isclose(row["overhead"], 1.1) and math.isclose(row["floor"], 3.0)
+    assert [round(x, 6) for x in row["overhead_range"]] == [1.0, 1.2]
+    # Forward-only points: 3.3 / 2.5, 4 / 3.5, 3 / 2 (median 1.32).
+    row = bk.ratio_to_floor(times, "points")
+    assert math.isclose(row["overhead"], 3.3 / 2.5)
+    # Without points: 3.3 / 2, 4 / 3, 3 / 1.5.
+    assert math.isclose(bk.ratio_to_floor(times, None)["overhead"], 3.3 / 2.0)
 
 
 def test_report_heterogeneous_row_shows_its_own_teacher(tmp_path):

@@ -19,13 +19,17 @@ For each distiller config it times, on identical batches:
   its encoder memory, where in the KD step it joins the backward the student pays anyway;
 * ``kd``: a training iteration of the distiller (student + teacher + distillation losses).
 
-and prints ``overhead = t_kd / (t_student + t_teacher + t_points)``: what the distillation
-machinery itself adds beyond the work it cannot avoid; and, for methods with points,
-``overhead_train = t_kd / (t_student + t_teacher + t_points+bwd)``, which also counts as
-unavoidable the backward through the extra decoding that any loss at those points needs. The
-phases are interleaved over ``--repeats`` rounds and each reported time is the median
-per-iteration time, so a slow phase of the machine hits all of them alike. On CPU the ratios are
-the figures to read; absolute times depend on the machine and its load. Memory: on CUDA the peak
+and prints ``overhead = t_kd / t_floor``, where the floor is what a distilled training iteration
+cannot avoid: ``t_student + t_teacher``, plus ``t_points+bwd`` for methods with points. The
+student's share of that decoding is counted as a training step runs it, with its backward, for the
+same reason ``t_student`` is a whole training iteration: any loss at those points needs it, and it
+is decoding, not distillation machinery. ``overhead_forward`` takes ``t_points`` (the decoding
+forward only) instead, a lower floor that leaves the backward through the extra queries in the
+overhead. The phases are interleaved over ``--repeats`` rounds; each reported time is the median
+per-iteration time of its phase, and each ratio the median of the per-round ratios (each round's
+phases ran close together, so a slow spell of the machine hits them alike), with the lowest and
+highest round beside it. On CPU the ratios are the figures to read; absolute times depend on the
+machine and its load. Memory: on CUDA the peak
 allocated memory of each phase; on CPU the growth of the process's resident memory (sampled every
 millisecond) during the student's first iteration, and during the distiller's first iteration
 after it: what KD needs beyond the student alone (the allocator keeps freed memory, so later
@@ -251,20 +255,37 @@ def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
         for name, fn in phases.items():
             times[name].append(timed(fn, range(len(batches)), args.device, memory, name))
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    floor = med["student"] + med["teacher"] + med.get("points", 0.0)
     row = {
         "config": os.path.relpath(path, ROOT),
         "method": cfg.MODEL.META_ARCHITECTURE,
         "random_teacher": random_teacher is not None,
         "seconds": med,
+        "rounds": times,
         "peak_memory_mb": {k: v / 2**20 for k, v in memory.items()},
-        "floor": floor,
-        "overhead": med["kd"] / floor,
     }
-    if "points+bwd" in med:
-        row["floor_train"] = med["student"] + med["teacher"] + med["points+bwd"]
-        row["overhead_train"] = med["kd"] / row["floor_train"]
+    row.update(ratio_to_floor(times, "points+bwd" if "points" in times else None))
+    if "points" in times:
+        forward = ratio_to_floor(times, "points")
+        row["floor_forward"], row["overhead_forward"] = forward["floor"], forward["overhead"]
+        row["overhead_forward_range"] = forward["overhead_range"]
     return row
+
+
+def ratio_to_floor(times: Dict[str, List[float]], points: Optional[str]) -> Dict[str, object]:
+    """The floor (median seconds) and ``kd / floor``: the median and range of the per-round ratios.
+
+    Args:
+        times: phase -> seconds per iteration, one entry per round (rounds aligned).
+        points: the phase whose time the floor adds to student + teacher, or None.
+    """
+    phases = ["student", "teacher"] + ([points] if points else [])
+    floors = [sum(r) for r in zip(*(times[p] for p in phases))]
+    ratios = [kd / floor for kd, floor in zip(times["kd"], floors)]
+    return {
+        "floor": sum(statistics.median(times[p]) for p in phases),
+        "overhead": statistics.median(ratios),
+        "overhead_range": [min(ratios), max(ratios)],
+    }
 
 
 def _tensors(value) -> List[torch.Tensor]:
@@ -283,7 +304,7 @@ def _tensors(value) -> List[torch.Tensor]:
 def format_table(rows: List[Dict[str, object]], device: str) -> str:
     head = (
         "| config | student (ms) | teacher fwd (ms) | points / +bwd (ms) | KD step (ms) | overhead "
-        "| overhead (train floor) | memory student / KD (MB) |\n"
+        "(rounds) | overhead, forward-only points | memory student / KD (MB) |\n"
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     lines = [head]
@@ -291,11 +312,13 @@ def format_table(rows: List[Dict[str, object]], device: str) -> str:
         s = r["seconds"]
         m = r["peak_memory_mb"]
         pts = f"{1000 * s['points']:.0f} / {1000 * s['points+bwd']:.0f}" if "points" in s else "-"
-        train = f"**{r['overhead_train']:.3f}**" if "overhead_train" in r else "-"
+        low, high = r["overhead_range"]
+        fwd = f"{r['overhead_forward']:.3f}" if "overhead_forward" in r else "-"
         lines.append(
             f"| {os.path.basename(r['config'])} | {1000 * s['student']:.0f} | "
             f"{1000 * s['teacher']:.0f} | {pts} | {1000 * s['kd']:.0f} | "
-            f"**{r['overhead']:.3f}** | {train} | {m['student']:.0f} / {m['kd']:.0f} |"
+            f"**{r['overhead']:.3f}** ({low:.2f}-{high:.2f}) | {fwd} | "
+            f"{m['student']:.0f} / {m['kd']:.0f} |"
         )
     mem = (
         "CUDA peak allocated per phase"
@@ -303,8 +326,9 @@ def format_table(rows: List[Dict[str, object]], device: str) -> str:
         else "resident memory growth (sampled): student alone, then what KD adds beyond it"
     )
     lines.append(
-        "\noverhead = KD step / (student + teacher fwd + points); the train floor counts the "
-        f"points with the backward of the student's extra decoding instead; memory: {mem}."
+        "\noverhead = KD step / (student + teacher fwd + points with the backward of the student's "
+        "share), median over rounds (lowest-highest round); forward-only points: the points' "
+        f"decoding without that backward in the floor; memory: {mem}."
     )
     return "\n".join(lines)
 
