@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import shutil
 
 from conftest import TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, load_script
 
@@ -58,6 +60,50 @@ def test_plan_and_report_from_finished_runs(tmp_path):
     table = (tmp_path / "benchmark.md").read_text()
     assert "| FCOS | GID | 20.00 | 9.50 | 19.50 | 4.50 | +1.50 | 1 |" in table
     assert (tmp_path / "benchmark.png").stat().st_size > 0
+
+
+def test_record_stands_in_for_lost_output_folders(tmp_path):
+    """Finished runs are recorded; a fresh output folder reports them from the record, trains
+    only what is missing, and a teacher only when a run that trains needs its weights."""
+    bt = load_script("tools/benchmark_table.py")
+    output = tmp_path / "out"
+    args = bt.argparse.Namespace(
+        output=str(output),
+        seeds=[1],
+        families=["fcos"],
+        methods=None,
+        teacher_iters=None,
+        student_iters=7,
+    )
+    runs = bt.plan(args)
+    teacher, baseline, gid = runs
+    for r, ap in [(teacher, 20.0), (baseline, 8.0), (gid, 9.5)]:
+        os.makedirs(r["out"])
+        with open(os.path.join(r["out"], "eval_results.json"), "w") as f:
+            json.dump({"bbox": {"AP": ap, "AP50": ap + 10, "AP75": ap - 5}}, f)
+    path = str(tmp_path / "runs.json")
+    bt.sync_record(runs, str(output), path)
+    record = bt.load_record(path)
+    assert set(record) == {"teachers/fcos", "fcos/seed1/baseline", "fcos/seed1/gid"}
+    # The teacher's weights are named relative to the output folder, so a clone elsewhere matches.
+    assert "teachers/fcos/model_final.pth" in record["fcos/seed1/gid"]["identity"]["opts"]
+    assert record["fcos/seed1/gid"]["AP"] == 9.5
+
+    shutil.rmtree(output)  # a fresh clone: no output folders, only the record
+    assert bt.runs_to_train(runs, str(output), record) == []
+    rows = bt.report(runs, str(output), record)
+    gid_row = [r for r in rows if r["student"] == "GID"][0]
+    assert gid_row["summary"]["gain_AP"]["mean"] == 1.5 and gid_row["teacher_AP"] == "20.00"
+
+    # A run with other overrides (here a longer schedule) is not the recorded run.
+    longer = bt.plan(bt.argparse.Namespace(**{**vars(args), "student_iters": 9}))
+    assert bt.recorded(longer[2], str(output), record) is None
+    # Missing the GID run: it trains, and so does its teacher, whose weights are gone.
+    del record["fcos/seed1/gid"]
+    assert bt.runs_to_train(runs, str(output), record) == [teacher, gid]
+    os.makedirs(teacher["out"])
+    open(os.path.join(teacher["out"], "model_final.pth"), "w").close()
+    assert bt.runs_to_train(runs, str(output), record) == [gid]
 
 
 def test_plan_method_filter_words_and_exact_titles(tmp_path):

@@ -13,6 +13,13 @@ differences, since a seed fixes initialisation and data order for both), ``OUTPU
 and ``OUTPUT/results.json``. Finished runs are skipped and interrupted ones resume, so the
 benchmark can be stopped and started again; ``--report-only`` rebuilds the table from what has
 finished. Methods whose config is not in the repository are skipped with a notice.
+
+Every run that finishes is also written to ``--record`` (``docs/benchmark/runs.json``, kept in the
+repository): its metrics, config, schedule and overrides, and the commit it ran at. A run found
+there with the same config, schedule and overrides counts as finished even when its output
+folder is gone (a fresh clone, another machine), so seeds and methods can be added to the table
+over several sessions; a teacher is retrained only when a run that still has to train needs its
+weights. ``--record ''`` uses the output folder alone.
 """
 
 import argparse
@@ -20,6 +27,8 @@ import json
 import os
 import re
 import statistics
+import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -27,6 +36,7 @@ from kd.experiments import ROOT, prepare_kd_shapes, read_results, train_and_eval
 
 CONFIGS = os.path.join("configs", "kd_shapes")
 METRICS = ("AP", "AP50", "AP75")
+RECORD = os.path.join("docs", "benchmark", "runs.json")
 
 
 @dataclass(frozen=True)
@@ -260,12 +270,115 @@ def plan(args) -> List[dict]:
     return runs
 
 
-def report(runs: List[dict], output: str) -> List[dict]:
-    """Collect the finished runs into table rows; write benchmark.md/.png and results.json."""
+# ---------------------------------------------------------------------- the record of runs
+def run_key(run: dict, output: str) -> str:
+    """A run's name in the record: its output folder relative to the benchmark's."""
+    return os.path.relpath(run["out"], output)
+
+
+def run_identity(run: dict, output: str) -> dict:
+    """What makes two runs the same run: config, iterations and overrides (paths under the
+    benchmark's output folder written relative to it)."""
+    opts = [os.path.relpath(o, output) if o.startswith(output + os.sep) else o for o in run["opts"]]
+    return {"config": run["config"], "iters": run["iters"], "opts": opts}
+
+
+def load_record(path: str) -> Dict[str, dict]:
+    """The recorded runs, by :func:`run_key` (empty without a file)."""
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["runs"]
+
+
+def save_record(path: str, record: Dict[str, dict]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"runs": dict(sorted(record.items()))}, f, indent=1)
+        f.write("\n")
+
+
+def recorded(run: dict, output: str, record: Dict[str, dict]) -> Optional[Dict[str, float]]:
+    """The recorded metrics of ``run``, if the record has that very run."""
+    entry = record.get(run_key(run, output))
+    if entry is None or entry["identity"] != run_identity(run, output):
+        return None
+    return {m: entry[m] for m in METRICS}
+
+
+def record_run(run: dict, output: str, record: Dict[str, dict], metrics: Dict[str, float]) -> None:
+    """Add a finished run to ``record`` (in place), with the checkout's commit at that moment (a
+    run is recorded when it finishes, or when the tool next finds its output folder)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    record[run_key(run, output)] = {
+        "identity": run_identity(run, output),
+        **metrics,
+        "commit": commit or None,
+        "recorded": time.strftime("%Y-%m-%d"),
+    }
+
+
+def sync_record(runs: List[dict], output: str, path: str) -> None:
+    """Record every run finished in its output folder that the record lacks (or has otherwise)."""
+    record = load_record(path)
+    added = 0
+    for r in runs:
+        if os.path.isfile(os.path.join(r["out"], "eval_results.json")):
+            metrics = read_results(r["out"])
+            if recorded(r, output, record) != metrics:
+                record_run(r, output, record, metrics)
+                added += 1
+    if added:
+        save_record(path, record)
+        print(f"[benchmark] recorded {added} finished run(s) in {path}")
+
+
+def finished_runs(
+    runs: List[dict], output: str, record: Dict[str, dict]
+) -> Dict[str, Dict[str, float]]:
+    """Output folder -> metrics of every finished run: its own eval_results.json, else the
+    record's entry for that very run."""
     finished = {}
     for r in runs:
         if os.path.isfile(os.path.join(r["out"], "eval_results.json")):
             finished[r["out"]] = read_results(r["out"])
+        else:
+            metrics = recorded(r, output, record)
+            if metrics is not None:
+                finished[r["out"]] = metrics
+    return finished
+
+
+def runs_to_train(runs: List[dict], output: str, record: Dict[str, dict]) -> List[dict]:
+    """The runs that must train: unfinished students, and the teachers whose weights those need
+    and lack (a recorded teacher whose weights are gone is retrained only then)."""
+    finished = finished_runs(runs, output, record)
+    students = [r for r in runs if r["kind"] != "teacher" and r["out"] not in finished]
+    weights = {o for r in students for o in r["opts"] if o.endswith("model_final.pth")}
+    teachers = [
+        r
+        for r in runs
+        if r["kind"] == "teacher"
+        and (
+            r["out"] not in finished
+            or (
+                os.path.join(r["out"], "model_final.pth") in weights
+                and not os.path.isfile(os.path.join(r["out"], "model_final.pth"))
+            )
+        )
+    ]
+    return [r for r in runs if r in teachers or r in students]
+
+
+def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = None) -> List[dict]:
+    """Collect the finished runs (output folders, then the record) into table rows; write
+    benchmark.md/.png and results.json."""
+    finished = finished_runs(runs, output, record or {})
     rows = []
 
     def teacher_ap(family: str) -> str:
@@ -330,6 +443,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         default=None,
         help="every student's iterations (default: per family)",
     )
+    parser.add_argument(
+        "--record",
+        default=RECORD,
+        help="JSON file of finished runs, read and extended (default: %(default)s); '' = none",
+    )
     parser.add_argument("--num-train", type=int, default=1500)
     parser.add_argument("--num-val", type=int, default=300)
     parser.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
@@ -339,19 +457,33 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     runs = plan(args)
+    record = load_record(args.record)
+    todo = runs_to_train(runs, args.output, record)
     if args.dry_run:
         for r in runs:
-            print(f"{r['out']}: {r['config']} {r['iters']} it {' '.join(r['opts'])}")
+            state = "train" if r in todo else "finished"
+            print(f"[{state}] {r['out']}: {r['config']} {r['iters']} it {' '.join(r['opts'])}")
         return
     if not args.report_only:
         datasets = os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
         prepare_kd_shapes(datasets, args.num_train, args.num_val)
         for r in runs:
             name = f"{r['family']} {r['title']}" + (f" seed {r['seed']}" if "seed" in r else "")
-            train_and_evaluate(
+            if r not in todo:
+                print(f"[kd] {name}: finished (output folder or {args.record or 'record'})")
+                continue
+            metrics = train_and_evaluate(
                 name, os.path.join(CONFIGS, r["config"]), r["out"], r["iters"], r["opts"]
             )
-    report(runs, args.output)
+            if args.record:
+                # Re-read first: another benchmark process may have recorded runs meanwhile.
+                record = load_record(args.record)
+                record_run(r, args.output, record, metrics)
+                save_record(args.record, record)
+    if args.record:
+        sync_record(runs, args.output, args.record)
+        record = load_record(args.record)
+    report(runs, args.output, record)
 
 
 if __name__ == "__main__":
