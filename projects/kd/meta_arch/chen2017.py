@@ -232,15 +232,17 @@ class Chen2017Distiller(Distiller):
             (losses, steps): the loss dict and the step's intermediate results.
         """
         student = self.student
+        with torch.no_grad():
+            # The teacher computes only what the enabled terms need. Its backbone runs first, so
+            # that its transient activations are freed before the student's graph is built (the
+            # student's forward then reuses that memory; see the dense GID distillers).
+            t_features = self.teacher.backbone(self.teacher_images(batched_inputs).tensor)
         s_inputs = self.student_inputs(batched_inputs)
         images = student.preprocess_image(s_inputs)
         gt_instances = gt_instances_of(s_inputs, self.device)
         features = student.backbone(images.tensor)
         need_rpn = self.rpn_soft_cls or self.rpn_bounded_reg
         need_rcn = self.rcn_soft_cls or self.rcn_bounded_reg
-        with torch.no_grad():
-            # The teacher computes only what the enabled terms need.
-            t_features = self.teacher.backbone(self.teacher_images(batched_inputs).tensor)
 
         losses: Dict[str, torch.Tensor] = {}
         proposals, rpn_losses, rpn_outputs = self._rpn(
