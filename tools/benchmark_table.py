@@ -19,7 +19,9 @@ repository): its metrics, config, schedule and overrides, and the commit it ran 
 there with the same config, schedule and overrides counts as finished even when its output
 folder is gone (a fresh clone, another machine), so seeds and methods can be added to the table
 over several sessions; a teacher is retrained only when a run that still has to train needs its
-weights. ``--record ''`` uses the output folder alone.
+weights. Runs are identified by config name, schedule and overrides, not by the config's contents
+or the code: after changing those, delete the runs concerned from the record. ``--record ''``
+uses the output folder alone.
 """
 
 import argparse
@@ -32,7 +34,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from kd.experiments import ROOT, prepare_kd_shapes, read_results, train_and_evaluate
+from kd.experiments import (
+    ROOT,
+    prepare_kd_shapes,
+    read_results,
+    schedule_opts,
+    train_and_evaluate,
+)
 
 CONFIGS = os.path.join("configs", "kd_shapes")
 METRICS = ("AP", "AP50", "AP75")
@@ -277,10 +285,16 @@ def run_key(run: dict, output: str) -> str:
 
 
 def run_identity(run: dict, output: str) -> dict:
-    """What makes two runs the same run: config, iterations and overrides (paths under the
-    benchmark's output folder written relative to it)."""
+    """What makes two runs the same run: config file name, schedule and overrides (paths under
+    the benchmark's output folder written relative to it). The config's contents and the code
+    are not part of it: after changing either, delete the runs concerned from the record."""
     opts = [os.path.relpath(o, output) if o.startswith(output + os.sep) else o for o in run["opts"]]
-    return {"config": run["config"], "iters": run["iters"], "opts": opts}
+    return {
+        "config": run["config"],
+        "iters": run["iters"],
+        "schedule": schedule_opts(run["iters"]),
+        "opts": opts,
+    }
 
 
 def load_record(path: str) -> Dict[str, dict]:
