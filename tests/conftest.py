@@ -274,3 +274,20 @@ def event_storage():
 
     with EventStorage(0) as storage:
         yield storage
+
+
+def without_annotations(batch, images):
+    """The batch with the ground truth of ``images`` removed: background-only images, as
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS False`` lets them through."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    out = []
+    for i, x in enumerate(batch):
+        if i in images:
+            empty = Instances(x["instances"].image_size)
+            empty.gt_boxes = Boxes(torch.zeros(0, 4))
+            empty.gt_classes = torch.zeros(0, dtype=torch.long)
+            x = dict(x, instances=empty)
+        out.append(x)
+    return out

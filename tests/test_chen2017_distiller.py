@@ -4,7 +4,15 @@ import copy
 
 import pytest
 import torch
-from conftest import REPO, TINY_DATASET, TINY_RCNN_OPTS, build_cfg, kd_opts, load_script
+from conftest import (
+    REPO,
+    TINY_DATASET,
+    TINY_RCNN_OPTS,
+    build_cfg,
+    kd_opts,
+    load_script,
+    without_annotations,
+)
 
 pytestmark = pytest.mark.usefixtures("event_storage")
 
@@ -235,3 +243,22 @@ def test_visualize_predictions_mode(tiny_teacher, datasets_root, tmp_path):
         assert counts["positive"] + counts["near"] + counts["background"] == detections, name
         assert (counts["ground_truth"], counts["covered"]) == (ground_truth, covered), name
     assert sum(totals[n]["positive"] + totals[n]["near"] + totals[n]["background"] for n in totals)
+
+
+@pytest.mark.parametrize("empty", [(0, 1), (1,)], ids=["no_foreground", "one_image_empty"])
+def test_batch_without_foreground(tiny_teacher, tmp_path, batch, empty):
+    """Background-only images: every term is finite; with no foreground proposal at all the
+    bounded regression terms are 0 and still part of the graph."""
+    model = build(tiny_teacher, tmp_path)
+    model.train()
+    torch.manual_seed(0)
+    losses = model(without_annotations(batch, empty))
+    for name, value in losses.items():
+        assert torch.isfinite(value), name
+    if len(empty) == len(batch):
+        for term in ("rpn_bounded_reg", "rcn_bounded_reg"):
+            value = losses[f"loss_kd_chen2017_{term}"]
+            assert value.item() == 0.0 and value.requires_grad, term
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

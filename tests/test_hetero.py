@@ -15,6 +15,7 @@ from conftest import (
     run_train_net,
     save_untrained_teacher,
     teacher_opts,
+    without_annotations,
 )
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes
@@ -211,6 +212,22 @@ def test_rcnn_probe_equals_box_head_in_a_normal_forward(batch):
     torch.testing.assert_close(picked[1, 3], answer.boxes[0, 1, 3, classes[1, 3]])
 
 
+def test_probes_at_no_points(batch):
+    """M = 0 points (no proposal to ask about) is an empty answer, not a crash."""
+    rcnn = build_model(build_cfg("configs/kd_shapes/faster_rcnn_student.yaml", TINY_RCNN_OPTS))
+    detr = build_model(build_cfg("configs/kd_shapes/detr_student.yaml", TINY_DETR))
+    inputs = [{"image": x["image"]} for x in batch]
+    none = torch.zeros(2, 0, 4)
+    with torch.no_grad():
+        images = rcnn.preprocess_image(inputs)
+        answer = probe_rcnn(rcnn.eval(), rcnn.backbone(images.tensor), images.image_sizes, none)
+        assert answer.logits.shape == (1, 2, 0, 8) and answer.boxes.shape == (1, 2, 0, 7, 4)
+        encoded = detr.eval().encode(inputs)
+        for isolation in ("point", "group"):
+            answer = probe_detr(detr, encoded, none, isolation=isolation)
+            assert answer.logits.shape == (2, 2, 0, 7), isolation
+
+
 def test_detr_probe_equals_decoding_the_anchors():
     cfg = build_cfg("configs/kd_shapes/detr_student.yaml", TINY_DETR)
     torch.manual_seed(0)
@@ -285,6 +302,19 @@ def test_detr_to_rcnn_losses_student_unchanged_teacher_frozen(detr_teacher, tmp_
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
     assert not any(k.startswith("teacher.") for k in model.state_dict())
     assert not model.teacher.training
+
+
+@pytest.mark.parametrize("class_target", ["foreground", "full"])
+def test_detr_to_rcnn_background_only_batch(detr_teacher, tmp_path, batch, class_target):
+    """Images without any object (no foreground proposal): finite losses and gradients."""
+    model = detr_to_rcnn(
+        detr_teacher, tmp_path, "KD.HETERO.RCNN_STUDENT.CLASS_TARGET", class_target
+    ).train()
+    losses = model(without_annotations(batch, (0, 1)))
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_detr_to_rcnn_options(detr_teacher, tmp_path, batch):

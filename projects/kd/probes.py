@@ -209,7 +209,8 @@ def rcnn_decoded_boxes(model: nn.Module, deltas: Tensor, boxes: Tensor) -> Tenso
     """
     transform = model.roi_heads.box_predictor.box2box_transform
     decoded = transform.apply_deltas(deltas, boxes)
-    return decoded.view(decoded.shape[0], -1, 4)
+    # unflatten, not view(N, -1, 4): with no boxes the -1 would be ambiguous.
+    return decoded.unflatten(1, (-1, 4))
 
 
 def _to_points(boxes_xyxy: Tensor, image_sizes: List[Tuple[int, int]]) -> Tensor:
@@ -247,8 +248,9 @@ def probe_rcnn(
     absolute = denormalize_boxes(points, image_sizes)
     scores, deltas = rcnn_box_predictions(model, features, [Boxes(x) for x in absolute])
     decoded = rcnn_decoded_boxes(model, deltas, absolute.reshape(b * m, 4))
-    boxes = _to_points(decoded.view(b, m, -1, 4), image_sizes)
-    return ProbeAnswer(scores.view(1, b, m, -1), boxes[None], "softmax")
+    # Sizes spelled out (no -1): M = 0 points is a valid, empty question.
+    boxes = _to_points(decoded.view(b, m, decoded.shape[1], 4), image_sizes)
+    return ProbeAnswer(scores.view(1, b, m, scores.shape[-1]), boxes[None], "softmax")
 
 
 # ------------------------------------------------------------------------------------- DETR

@@ -365,7 +365,11 @@ class Chen2017Distiller(Distiller):
             num_classes = scores.shape[1] - 1
             fg = (gt_classes >= 0) & (gt_classes < num_classes)
             proposal_boxes = cat([b.tensor for b in boxes])[fg]
-            gt_boxes = cat([p.gt_boxes.tensor for p in proposals])[fg]
+            # An image without ground truth gets no gt_boxes field; detectron2's box losses stand
+            # in its proposals (all background, so none is selected here).
+            gt_boxes = cat(
+                [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals]
+            )[fg]
             targets = roi.box_predictor.box2box_transform.get_deltas(proposal_boxes, gt_boxes)
             s_fg = _class_deltas(deltas[fg], gt_classes[fg])
             t_fg = _class_deltas(t_deltas[fg], gt_classes[fg])
@@ -413,4 +417,5 @@ def _class_deltas(deltas: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """The 4 deltas of each row's class (class-agnostic heads have only 4)."""
     if deltas.shape[1] == 4:
         return deltas
-    return deltas.view(deltas.shape[0], -1, 4)[torch.arange(len(classes)), classes]
+    # unflatten, not view(N, -1, 4): with no rows (no foreground) the -1 would be ambiguous.
+    return deltas.unflatten(1, (-1, 4))[torch.arange(len(classes)), classes]
