@@ -260,6 +260,39 @@ def test_detr_probe_equals_decoding_the_anchors():
     assert last.num_layers == 1 and torch.equal(last.class_boxes()[0], point.boxes[-1, ..., 0, :])
 
 
+def test_detr_group_probe_hides_padding():
+    """With isolation "group", a real point's answer is the answer to its image's real points
+    alone: it does not change with how much, or with what, another image's set was padded."""
+    cfg = build_cfg("configs/kd_shapes/detr_student.yaml", TINY_DETR)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    inputs = [{"image": torch.rand(3, 64, 64) * 255}, {"image": torch.rand(3, 64, 48) * 255}]
+    g = torch.Generator().manual_seed(1)
+    first, second = random_points(1, 3, generator=g)[0], random_points(1, 5, generator=g)[0]
+    with torch.no_grad():
+        encoded = model.encode(inputs)
+        # Reference: each image decoded with exactly its real points (the other image's points
+        # are in the same pass but never attend across images).
+        alone_first = model.decode_groups(encoded, [QueryGroup(first.expand(2, -1, -1))])[0]
+        alone_second = model.decode_groups(encoded, [QueryGroup(second.expand(2, -1, -1))])[0]
+        points, valid = pad_points([first, second])  # the first image padded by 2
+        answer = probe_detr(model, encoded, points, isolation="group", valid=valid)
+        # More padding, and padding that is not the whole-image box.
+        more = torch.cat([points, random_points(2, 4, generator=g)], 1)
+        more_valid = torch.cat([valid, torch.zeros(2, 4, dtype=torch.bool)], 1)
+        more_answer = probe_detr(model, encoded, more, isolation="group", valid=more_valid)
+    for out in (answer, more_answer):
+        torch.testing.assert_close(out.logits[:, 0, :3], alone_first.logits[:, 0])
+        torch.testing.assert_close(out.boxes[:, 0, :3, 0], alone_first.boxes[:, 0])
+        torch.testing.assert_close(out.logits[:, 1, :5], alone_second.logits[:, 1])
+        torch.testing.assert_close(out.boxes[:, 1, :5, 0], alone_second.boxes[:, 1])
+    # Without the mask the padding is attended to: the answers move (what was fixed).
+    unmasked = probe_detr(model, encoded, more, isolation="group")
+    assert not torch.allclose(unmasked.logits[:, 0, :3], alone_first.logits[:, 0], atol=1e-4)
+    with pytest.raises(ValueError, match="valid"):
+        probe_detr(model, encoded, points, isolation="group", valid=valid[:, :2])
+
+
 def test_probe_gradients_reach_the_student_only_where_asked():
     cfg = build_cfg("configs/kd_shapes/detr_student.yaml", TINY_DETR)
     model = build_model(cfg).train()
@@ -375,9 +408,9 @@ def test_detr_to_rcnn_point_decoding(detr_teacher, tmp_path, batch):
     probed = []
     probe = model._teacher_probe
 
-    def recording(encoded, at):
+    def recording(encoded, at, valid):
         probed.append(at)
-        return probe(encoded, at)
+        return probe(encoded, at, valid)
 
     model._teacher_probe = recording
     torch.manual_seed(5)
@@ -389,6 +422,25 @@ def test_detr_to_rcnn_point_decoding(detr_teacher, tmp_path, batch):
         expected = model.teacher.decode_groups(encoded, [QueryGroup(points)])[0]
     torch.testing.assert_close(teacher.logits[0], expected.logits[-1])
     torch.testing.assert_close(teacher.boxes[0, ..., 0, :], expected.boxes[-1])
+
+
+def test_detr_to_rcnn_teacher_answers_ignore_padding(detr_teacher, tmp_path, batch):
+    """The images' sampled proposals differ in number, so the shorter sets are padded; the
+    teacher's answer at each image's proposals equals its decoding of those proposals alone."""
+    # Every proposal sampled (512 > proposals + ground truth), so the counts differ per image.
+    model = detr_to_rcnn(
+        detr_teacher, tmp_path, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512"
+    ).train()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        points, valid, teacher, _ = model.prepare_point_decoding(batch)()
+        encoded = model.teacher.encode(model.teacher_inputs(batch))
+        counts = valid.sum(1).tolist()
+        assert counts[0] != counts[1], counts  # padding present
+        for i, n in enumerate(counts):
+            alone = model.teacher.decode_groups(encoded, [QueryGroup(points[:, :n])])[0]
+            torch.testing.assert_close(teacher.logits[0, i, :n], alone.logits[-1, i])
+            torch.testing.assert_close(teacher.boxes[0, i, :n, 0], alone.boxes[-1, i])
 
 
 def test_rcnn_to_detr_point_decoding(rcnn_teacher, tmp_path, batch):

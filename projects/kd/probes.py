@@ -263,6 +263,7 @@ def probe_detr(
     *,
     content: str = "zeros",
     isolation: str = "point",
+    valid: Optional[Tensor] = None,
 ) -> ProbeAnswer:
     """A DETR's answer at points: the boxes decoded as anchor queries over its encoder memory.
 
@@ -283,9 +284,13 @@ def probe_detr(
             and overlapping proposals would get low scores for being near each other. "group":
             all M points of an image attend to each other (one isolated group, KD-DETR's
             distillation queries).
+        valid: (B, M) bool, True on real points (:func:`pad_points`); None: all are real. With
+            "group", padded points are hidden from every other point's self-attention, so a real
+            point's answer does not depend on how much another image's point set was padded.
 
     Returns:
         "sigmoid" answer: logits (L, B, M, K), boxes (L, B, M, 1, 4), one per decoder layer.
+        Answers at padded points are meaningless.
     """
     if not isinstance(model, DETR):
         raise TypeError(f"probe_detr needs a kd.modeling.detr.DETR, got {type(model).__name__}")
@@ -295,8 +300,23 @@ def probe_detr(
         raise ValueError(f"isolation must be one of {DETR_ISOLATIONS}, got {isolation!r}")
     anchors = points.to(encoded.memory.dtype)
     queries = model.anchors_to_queries(anchors) if content == "anchor" else None
-    if isolation == "group":
+    if valid is not None and valid.shape != anchors.shape[:2]:
+        raise ValueError(
+            f"valid must be {tuple(anchors.shape[:2])} like the points, got {tuple(valid.shape)}"
+        )
+    if isolation == "group" and (valid is None or bool(valid.all())):
         out = model.decode_groups(encoded, [QueryGroup(anchors, queries)])[0]
+    elif isolation == "group":
+        # One group per image without its padding: keys that are padding are blocked for every
+        # query, except for a padded query itself (a softmax row needs one visible key).
+        b, m, _ = anchors.shape
+        if queries is None:
+            queries = encoded.memory.new_zeros(b, m, model.hidden_dim)
+        mask = (~valid)[:, None, :].expand(b, m, m).clone()
+        mask[:, torch.arange(m), torch.arange(m)] = False
+        nheads = model.decoder.layers[0].self_attn.num_heads
+        mask = mask.repeat_interleave(nheads, dim=0)  # (B * heads, M, M), as MultiheadAttention
+        out = model.decoder(queries, anchors.clamp(0.0, 1.0), encoded, mask)
     else:
         # M groups of one query each, built as one diagonal mask rather than M QueryGroups
         # (decode_groups' block mask is built group by group). True = blocked.

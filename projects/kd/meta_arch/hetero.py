@@ -358,10 +358,16 @@ class DETRToRCNNDistiller(_HeteroDistiller):
         )
 
     @torch.no_grad()
-    def _teacher_probe(self, encoded: DETREncoded, points: Tensor) -> ProbeAnswer:
-        """The teacher's final-layer answers at the points: its decoding of them as anchors."""
+    def _teacher_probe(self, encoded: DETREncoded, points: Tensor, valid: Tensor) -> ProbeAnswer:
+        """The teacher's final-layer answers at the points: its decoding of them as anchors
+        (``valid``: the real points; the padding of the proposals is hidden from them)."""
         return probe_detr(
-            self.teacher, encoded, points, content=self.detr_content, isolation=self.detr_isolation
+            self.teacher,
+            encoded,
+            points,
+            content=self.detr_content,
+            isolation=self.detr_isolation,
+            valid=valid,
         ).last()
 
     def _distill(
@@ -378,7 +384,7 @@ class DETRToRCNNDistiller(_HeteroDistiller):
         student = self._student_answers(sizes, features, sampled, scores, deltas, valid, random)
         with torch.no_grad():
             encoded = self.teacher.encode(self.teacher_inputs(batched_inputs))
-        teacher = self._teacher_probe(encoded, points)
+        teacher = self._teacher_probe(encoded, points, valid)
         t_top = teacher.foreground_probs()[-1].argmax(dim=-1)
         t_boxes = teacher.class_boxes()[-1][valid]
         s_boxes = student.class_boxes(t_top)[-1][valid]
@@ -424,7 +430,7 @@ class DETRToRCNNDistiller(_HeteroDistiller):
             feature.requires_grad_(True)
 
         def decode() -> Tuple[Tensor, Tensor, ProbeAnswer, Optional[ProbeAnswer]]:
-            teacher = self._teacher_probe(encoded, points)
+            teacher = self._teacher_probe(encoded, points, valid)
             student = None
             if random is not None:
                 student = probe_rcnn(self.student, features, images.image_sizes, random)
