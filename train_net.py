@@ -12,17 +12,17 @@ import json
 import logging
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import kd  # noqa: F401  (registers the distillers, the DETR family and the datasets)
+from kd.checkpoint import KDCheckpointer, load_weights
 from kd.compat import launch
 from kd.config import add_kd_config
 from kd.data import validate_datasets
-from kd.engine import Trainer, load_pretrained
+from kd.engine import Trainer
 
 logger = logging.getLogger("kd")
 
@@ -56,11 +56,16 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer = KDCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         if args.resume and checkpointer.has_checkpoint():
             checkpointer.resume_or_load("", resume=True)
-        else:  # a distiller checkpoint, or a plain student's weights for a KD config
-            load_pretrained(model, cfg.MODEL.WEIGHTS)
+        else:  # every weight of the evaluated model must come from the file
+            if not cfg.MODEL.WEIGHTS:
+                raise ValueError(
+                    "--eval-only needs weights: set MODEL.WEIGHTS to a trained checkpoint "
+                    "(e.g. MODEL.WEIGHTS output/<run>/model_final.pth)"
+                )
+            load_weights(model, cfg.MODEL.WEIGHTS, complete=True)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

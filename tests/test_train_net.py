@@ -104,7 +104,7 @@ def test_bad_teacher_weights_are_refused(datasets_root, tiny_teacher, tmp_path, 
         expect = "does not exist"
     elif case == "unreadable":
         bad.write_bytes(b"this is not a checkpoint")
-        expect = "could not be read"
+        expect = "not a readable checkpoint"
     elif case == "wrong_architecture":
         # A student-sized model's weights for the (wider) teacher: shapes do not fit.
         student = build_model(build_cfg(STUDENT_CONFIG, TINY_RCNN_OPTS))
@@ -251,7 +251,7 @@ def test_student_initialised_from_plain_checkpoint_and_pkl(datasets_root, tiny_t
 
     from detectron2.modeling import build_model
 
-    from kd.engine import load_pretrained
+    from kd.checkpoint import load_weights
 
     donor = build_model(build_cfg(STUDENT_CONFIG, [*TINY_RCNN_OPTS, "SEED", "99"]))
     with torch.no_grad():
@@ -268,7 +268,7 @@ def test_student_initialised_from_plain_checkpoint_and_pkl(datasets_root, tiny_t
     cfg = build_cfg(KD_CONFIG, kd_opts(tiny_teacher, tmp_path))
     for path, keys in ((pth, donor.state_dict().keys()), (pkl, backbone.keys())):
         model = build_model(cfg)
-        load_pretrained(model, str(path))
+        load_weights(model, str(path), complete=False)
         got = model.student.state_dict()
         for k in keys:
             assert torch.equal(got[k], donor.state_dict()[k]), (path, k)
@@ -280,6 +280,6 @@ def test_student_initialised_from_plain_checkpoint_and_pkl(datasets_root, tiny_t
     kd_ckpt = tmp_path / "kd.pth"
     torch.save({"model": trained.state_dict()}, kd_ckpt)
     fresh = build_model(cfg)
-    load_pretrained(fresh, str(kd_ckpt))
+    load_weights(fresh, str(kd_ckpt), complete=True)
     for k, v in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k

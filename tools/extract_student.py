@@ -23,7 +23,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from detectron2.config import get_cfg  # noqa: E402
 
-from kd.checkpoint import export_student_config, student_state_dict  # noqa: E402
+from kd.checkpoint import (  # noqa: E402
+    WeightsError,
+    export_student_config,
+    load_checkpoint_file,
+    student_state_dict,
+)
 from kd.config import add_kd_config  # noqa: E402
 
 
@@ -59,8 +64,10 @@ def main() -> None:
     cfg.merge_from_list(args.opts)
     if not os.path.isfile(args.input):
         raise SystemExit(f"--input '{args.input}' does not exist")
-    checkpoint = torch.load(args.input, map_location="cpu", weights_only=False)
-    state = checkpoint.get("model", checkpoint)
+    try:
+        state = load_checkpoint_file(args.input)["model"]
+    except WeightsError as e:
+        raise SystemExit(f"--input: {e}") from None
     student = student_state_dict(state)
     dropped = sorted({k.split(".")[0] for k in state if not k.startswith("student.")})
     student_cfg = export_student_config(cfg)

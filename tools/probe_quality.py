@@ -22,13 +22,13 @@ import copy
 from typing import Dict
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper, get_detection_dataset_dicts
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
 import kd  # noqa: F401  (registers the models and the datasets)
+from kd.checkpoint import load_weights
 from kd.config import add_kd_config
 from kd.modeling.detr import DETR, denormalize_boxes, normalize_boxes
 from kd.probes import (
@@ -73,7 +73,7 @@ def main() -> None:
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(args.weights)
+    load_weights(model, args.weights, complete=True, key="--weights")
     mapper = DatasetMapper(cfg, False)
     dicts = get_detection_dataset_dicts(cfg.DATASETS.TEST)[: args.num_images]
     g = torch.Generator().manual_seed(0)

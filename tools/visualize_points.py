@@ -54,7 +54,6 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects"))
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
 from detectron2.data import DatasetMapper, get_detection_dataset_dicts  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
@@ -63,6 +62,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 
 import kd  # noqa: E402,F401  (registers the distillers and datasets)
+from kd.checkpoint import load_weights  # noqa: E402
 from kd.config import add_kd_config  # noqa: E402
 
 __all__ = [
@@ -285,19 +285,8 @@ def load_baseline(model: torch.nn.Module, path: str) -> Optional[torch.nn.Module
     if not path:
         return None
     baseline = copy.deepcopy(model.student)
-    DetectionCheckpointer(baseline).load(path)
+    load_weights(baseline, path, complete=True, key="--baseline-checkpoint")
     return baseline.eval()
-
-
-def load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    """A distiller checkpoint into the distiller, a plain student checkpoint into its student."""
-    if not path:
-        return
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("model", state) if isinstance(state, dict) else state
-    distiller_ckpt = any(k.startswith("student.") for k in state)
-    target = model if distiller_ckpt or not hasattr(model, "student") else model.student
-    DetectionCheckpointer(target).load(path)
 
 
 def main(argv=None) -> Dict[str, Dict[str, int]]:
@@ -331,7 +320,7 @@ def main(argv=None) -> Dict[str, Dict[str, int]]:
 
     cfg = setup(args)
     model = build_model(cfg)
-    load_checkpoint(model, args.checkpoint)
+    load_weights(model, args.checkpoint, complete=True, key="--checkpoint")
     model.eval()
     predictions_mode = args.mode == "predictions"
     baseline = load_baseline(model, args.baseline_checkpoint) if predictions_mode else None

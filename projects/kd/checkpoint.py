@@ -1,13 +1,33 @@
-"""Student export: a distiller's checkpoint reduced to the plain student detector."""
+"""Weights into models: the checks every load goes through, and the student's export.
 
+:func:`load_weights` is how ``MODEL.WEIGHTS`` (training and ``--eval-only``), the teacher's
+weights and every tool put a file into a model. It reads through :mod:`kd.weights` (no code runs)
+and refuses a file that does not fit, instead of training or evaluating a model that silently kept
+its random weights.
+"""
+
+import logging
+import os
 from typing import Dict
 
 import torch
 from detectron2.config import CfgNode, get_cfg
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from kd.meta_arch.base import student_config
+from kd.weights import KDCheckpointer, UnsafeWeightsError, WeightsError, load_checkpoint_file
 
-__all__ = ["student_state_dict", "export_student_config"]
+__all__ = [
+    "KDCheckpointer",
+    "WeightsError",
+    "UnsafeWeightsError",
+    "load_checkpoint_file",
+    "load_weights",
+    "student_state_dict",
+    "export_student_config",
+]
+
+logger = logging.getLogger(__name__)
 
 _STUDENT_PREFIX = "student."
 # Students whose architecture (and config keys) this package provides: their exported config keeps
@@ -31,6 +51,106 @@ def student_state_dict(model_state: Dict[str, torch.Tensor]) -> Dict[str, torch.
     }
 
 
+def _fraction_loaded(model: nn.Module, incompatible) -> float:
+    """The share of ``model``'s weights (by element count) that a load filled."""
+    state = model.state_dict()
+    total = sum(v.numel() for v in state.values()) or 1
+    missed = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
+    return 1.0 - sum(state[k].numel() for k in missed if k in state) / total
+
+
+# A training run's MODEL.WEIGHTS initialises part of a model (an ImageNet backbone is 40-60% of a
+# detector's weights); below this share the file is for another architecture.
+MIN_LOADED_FRACTION = 0.1
+
+
+def load_weights(
+    model: nn.Module,
+    path: str,
+    *,
+    complete: bool,
+    key: str = "MODEL.WEIGHTS",
+    what: str = "",
+    distiller_checkpoint: str = "student",
+) -> None:
+    """Load ``path`` into a plain detector or a distiller, refusing files that do not fit.
+
+    * a distiller's checkpoint (``student.*`` keys) goes into a distiller as it is, and into a
+      plain detector as its student (the other keys, adapters, are left out, as
+      ``tools/extract_student.py`` does);
+    * any other file (a plain checkpoint, an ImageNet or model-zoo ``.pkl``) goes into a plain
+      detector, or into a distiller's student, whose parameter names carry no ``student.`` prefix.
+
+    Args:
+        model: the detector or distiller (possibly DDP-wrapped).
+        path: the weights file (local path or any detectron2 / iopath URL); empty for none.
+        complete: every weight of the model must come from the file (evaluation, a teacher).
+            Otherwise the file may initialise a part, but not less than ``MIN_LOADED_FRACTION``.
+        key: the config key or option that named the file, for messages.
+        what: what the model is, for messages (default: its class, built from the config).
+        distiller_checkpoint: what a distiller's checkpoint given to a plain detector is:
+            "student" (its student is loaded) or "refuse" (a teacher must be exported first).
+
+    Raises:
+        WeightsError: the file is missing, unreadable, unsafe, or does not fit the model.
+    """
+    if not path:
+        return
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    checkpointer = KDCheckpointer(model)
+    local = checkpointer.path_manager.get_local_path(path) if "://" in path else path
+    if not os.path.isfile(local):
+        raise WeightsError(f"{key} '{path}' does not exist: fix the path")
+    checkpoint = checkpointer._load_file(local)
+    state = checkpoint.get("model")
+    if not isinstance(state, dict) or not state:
+        raise WeightsError(f"{key} '{path}' holds no model weights")
+    from_distiller = any(k.startswith(_STUDENT_PREFIX) for k in state)
+    target = model
+    if hasattr(model, "student") and not from_distiller:
+        target = model.student
+    elif not hasattr(model, "student") and from_distiller:
+        if distiller_checkpoint == "refuse":
+            raise WeightsError(
+                f"{key} '{path}' is a distillation checkpoint (its keys start with 'student.'): "
+                "export the student first with tools/extract_student.py and use that file"
+            )
+        logger.info(
+            "%s '%s' is a distillation checkpoint: loading its student (adapters left out; "
+            "tools/extract_student.py writes the student alone)",
+            key,
+            path,
+        )
+        checkpoint = dict(checkpoint, model=student_state_dict(state))
+    logger.info("Loading %s into %s", path, type(target).__name__)
+    target_checkpointer = KDCheckpointer(target)
+    incompatible = target_checkpointer._load_model(checkpoint)
+    fraction = _fraction_loaded(target, incompatible)
+    missed = list(incompatible.missing_keys) + [k for k, *_ in incompatible.incorrect_shapes]
+    if (complete and missed) or fraction < MIN_LOADED_FRACTION:
+        shapes = "; ".join(
+            f"{k}: file {tuple(a)} vs model {tuple(b)}"
+            for k, a, b in incompatible.incorrect_shapes[:3]
+        )
+        raise WeightsError(
+            f"{key} '{path}' does not fit the "
+            f"{what or type(target).__name__ + ' built from the config'}: "
+            f"{len(missed)} of its weights are missing from the file or of another shape "
+            f"(only {fraction:.0%} of the model loaded; e.g. {', '.join(missed[:4])}"
+            f"{'; ' + shapes if shapes else ''}). "
+            + (
+                "Evaluating or distilling from it would use untrained weights: pass the "
+                "weights trained with this config (same architecture, depth, widths and "
+                "NUM_CLASSES)"
+                if complete
+                else "Pass weights of this architecture, or leave MODEL.WEIGHTS empty to start "
+                "from random weights"
+            )
+        )
+    target_checkpointer._log_incompatible_keys(incompatible)
+
+
 def export_student_config(cfg: CfgNode) -> CfgNode:
     """A plain detectron2 config for the student of a KD config.
 
@@ -40,6 +160,8 @@ def export_student_config(cfg: CfgNode) -> CfgNode:
     Args:
         cfg: the KD config.
     """
+    from kd.meta_arch.base import student_config  # the distillers import this module
+
     scfg = student_config(cfg)
     scfg.defrost()
     scale = cfg.KD.STUDENT.INPUT_SCALE

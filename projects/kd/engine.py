@@ -6,7 +6,8 @@
   interrupted run resumed from its last checkpoint continues with the same batches
   (exactly, on one process with ``DATALOADER.NUM_WORKERS 0``);
 * pretrained weights (``MODEL.WEIGHTS``: a detectron2 checkpoint or an ImageNet ``.pkl``) loaded
-  into the *student* of a distiller, whose parameter names carry no ``student.`` prefix;
+  into the *student* of a distiller (:func:`kd.checkpoint.load_weights`), checkpoints written
+  atomically and resumed from the newest one that loads (:class:`kd.weights.KDCheckpointer`);
 * DDP without CUDA (gloo), and COCO evaluation that works without the compiled extension.
 """
 
@@ -18,9 +19,13 @@ from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
@@ -31,13 +36,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kd import compat
+from kd.checkpoint import KDCheckpointer, load_weights
+from kd.data.validation import validate_test_datasets, validate_test_dicts, validate_train_dicts
 
 __all__ = [
     "Trainer",
     "ResumableTrainingSampler",
     "TrainingStateHook",
     "build_optimizer",
-    "load_pretrained",
 ]
 
 logger = logging.getLogger(__name__)
@@ -159,33 +165,6 @@ def _with_full_model_clipping(cls: type, max_norm: float, norm_type: float) -> t
     return FullModelClipping
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
-    """Load ``MODEL.WEIGHTS`` into a plain model, or into a distiller's student.
-
-    A distiller's own checkpoint (keys ``student.*``, adapters) goes into the distiller. Anything
-    else -- a plain detectron2 checkpoint, an ImageNet or model-zoo ``.pkl`` -- holds the student's
-    own parameter names, which inside a distiller carry a ``student.`` prefix: it goes into the
-    student, since loading it into the wrapper would silently miss every key.
-
-    Args:
-        model: a plain detector or a distiller (possibly DDP-wrapped).
-        path: the weights file; empty for none.
-    """
-    if not path:
-        return
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
-    checkpointer = DetectionCheckpointer(model)
-    checkpoint = checkpointer._load_file(checkpointer.path_manager.get_local_path(path))
-    state = checkpoint.get("model", {})
-    if hasattr(model, "student") and not any(k.startswith("student.") for k in state):
-        checkpointer = DetectionCheckpointer(model.student)
-    logger.info("Loading %s into %s", path, type(checkpointer.model).__name__)
-    incompatible = checkpointer._load_model(checkpoint)
-    if incompatible is not None:
-        checkpointer._log_incompatible_keys(incompatible)
-
-
 class Trainer(compat.TrainerStateMixin, DefaultTrainer):
     """``DefaultTrainer`` for plain detectors (teachers, baselines) and distillers alike."""
 
@@ -198,6 +177,8 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        # A missing evaluation image stops the run now, not at its first evaluation.
+        validate_test_datasets(cfg)
         self._sampler = getattr(data_loader, "kd_sampler", None)
         model = _create_ddp_model(model)
         if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
@@ -205,9 +186,7 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
+        self.checkpointer = KDCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -231,7 +210,7 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
             self.checkpointer.resume_or_load("", resume=True)
             self.start_iter = self.iter + 1
         else:
-            load_pretrained(self.model, self.cfg.MODEL.WEIGHTS)
+            load_weights(self.model, self.cfg.MODEL.WEIGHTS, complete=False)
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
@@ -245,8 +224,10 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
             min_keypoints=0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
+        # Every image and box, before the sampler: nothing bad is met mid-run.
+        dataset = validate_train_dicts(cfg, dataset)
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
-            return super().build_train_loader(cfg)
+            return build_detection_train_loader(cfg, dataset=dataset)
         sampler = ResumableTrainingSampler(len(dataset))
         loader = build_detection_train_loader(
             dataset,
@@ -259,6 +240,22 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
         loader.kd_sampler = sampler
         _give_loaders_own_generators(loader, sampler._seed)
         return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        # detectron2's, with the dicts checked before inference starts.
+        proposal_files = None
+        if cfg.MODEL.LOAD_PROPOSALS:
+            index = list(cfg.DATASETS.TEST).index(dataset_name)
+            proposal_files = [cfg.DATASETS.PROPOSAL_FILES_TEST[index]]
+        dataset = get_detection_dataset_dicts(
+            [dataset_name], filter_empty=False, proposal_files=proposal_files
+        )
+        return build_detection_test_loader(
+            validate_test_dicts(cfg, dataset, dataset_name),
+            mapper=DatasetMapper(cfg, False),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):

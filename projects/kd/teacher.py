@@ -113,59 +113,33 @@ def check_class_agreement(cfg: CfgNode, teacher_cfg: CfgNode, student_arch: str)
 
 
 def _load_verified(model: nn.Module, path: str, what: str) -> None:
+    from kd.checkpoint import WeightsError, load_weights
+
     if not path:
         raise TeacherError(
             f"KD.TEACHER.WEIGHTS is empty: a {what} without trained weights would distil noise. "
             "Train the teacher first (python train_net.py --config-file <teacher config>) and set "
             "KD.TEACHER.WEIGHTS to its model_final.pth"
         )
-    checkpointer = DetectionCheckpointer(model)
-    local = checkpointer.path_manager.get_local_path(path) if "://" in path else path
+    local = (
+        DetectionCheckpointer(model).path_manager.get_local_path(path) if "://" in path else path
+    )
     if not os.path.isfile(local):
         raise TeacherError(
             f"KD.TEACHER.WEIGHTS '{path}' does not exist: train the teacher first "
             "(python train_net.py --config-file <teacher config>) or fix the path"
         )
     try:
-        checkpoint = checkpointer._load_file(local)
-    except Exception as e:  # any unpickling / zip error: say which file and why
-        raise TeacherError(
-            f"KD.TEACHER.WEIGHTS '{path}' could not be read ({type(e).__name__}: {e}). "
-            "It must be a detectron2 checkpoint (.pth) or a Detectron/model-zoo .pkl"
-        ) from e
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not state:
-        raise TeacherError(f"KD.TEACHER.WEIGHTS '{path}' holds no model weights")
-    if any(k.startswith("student.") for k in state):
-        raise TeacherError(
-            f"KD.TEACHER.WEIGHTS '{path}' is a distillation checkpoint (its keys start with "
-            "'student.'): export the student first with tools/extract_student.py and use that file"
+        load_weights(
+            model,
+            path,
+            complete=True,
+            key="KD.TEACHER.WEIGHTS",
+            what="teacher built from KD.TEACHER.CONFIG_FILE",
+            distiller_checkpoint="refuse",
         )
-    incompatible = checkpointer._load_model(checkpoint)
-    problems = []
-    if incompatible.incorrect_shapes:
-        shapes = ", ".join(
-            f"{k}: file {tuple(a)} vs model {tuple(b)}"
-            for k, a, b in incompatible.incorrect_shapes[:5]
-        )
-        problems.append(f"shape mismatches ({shapes})")
-    if incompatible.missing_keys:
-        problems.append(
-            f"{len(incompatible.missing_keys)} weights missing from the file "
-            f"(e.g. {', '.join(incompatible.missing_keys[:5])})"
-        )
-    if problems:
-        raise TeacherError(
-            f"KD.TEACHER.WEIGHTS '{path}' does not fit the teacher built from "
-            f"KD.TEACHER.CONFIG_FILE: {'; '.join(problems)}. Use the weights trained with that "
-            "config (same architecture, depth, widths and NUM_CLASSES)"
-        )
-    if incompatible.unexpected_keys:
-        logger.warning(
-            "Teacher weights contain %d keys the teacher does not use (e.g. %s)",
-            len(incompatible.unexpected_keys),
-            ", ".join(incompatible.unexpected_keys[:5]),
-        )
+    except WeightsError as e:
+        raise TeacherError(str(e)) from None
 
 
 def _locked_train(self: nn.Module, mode: bool = True) -> nn.Module:
