@@ -25,3 +25,29 @@ def test_retinanet_head_accepts_group_norm():
     # Narrow heads keep 2 channels a group (a 1x1 map of one image must be normalisable).
     assert group_norm(32).num_groups == 16 and group_norm(256).num_groups == 32
     assert sum(isinstance(m, nn.GroupNorm) for m in head.bbox_subnet) == 2
+
+
+def test_map_dataset_falls_back_when_the_mapper_returns_none():
+    # v0.6 draws the fallback with random.sample on a set, a TypeError since Python 3.11.
+    from detectron2.data.common import MapDataset
+
+    good = {0, 2, 4}
+    dataset = MapDataset(list(range(6)), lambda x: ("mapped", x) if x in good else None)
+    drawn = [dataset[i] for i in (1, 3, 5, 1, 3, 5, 0)]
+    assert all(tag == "mapped" and x in good for tag, x in drawn)
+    assert drawn[-1] == ("mapped", 0)  # a good index is mapped as itself
+    # Only indices that the mapper failed on leave the candidates; the others stay drawable.
+    assert sorted(dataset._fallback_candidates) == [0, 2, 4]
+    # The same index falls back to the same item in a new dataset: the fallback RNG is seeded.
+    again = MapDataset(list(range(6)), lambda x: ("mapped", x) if x in good else None)
+    assert [again[i] for i in (1, 3, 5, 1, 3, 5, 0)] == drawn
+
+
+def test_runtime_fixes_are_idempotent():
+    from detectron2.data.common import MapDataset
+
+    from kd.compat import apply_runtime_fixes
+
+    init, getitem = MapDataset.__init__, MapDataset.__getitem__
+    apply_runtime_fixes()
+    assert (MapDataset.__init__, MapDataset.__getitem__) == (init, getitem)

@@ -22,13 +22,14 @@ This module imports only the standard library at import time: the ``.pth`` hook 
 interpreter start and must stay cheap.
 """
 
+import collections.abc
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
 import sys
 import types
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 __all__ = [
     "has_compiled_ops",
@@ -119,24 +120,38 @@ def apply_runtime_fixes() -> None:
     """
     install_import_hook()
     _fix_retinanet_head_group_norm()
+    _fix_map_dataset_fallback()
+
+
+def _fix_map_dataset_fallback() -> None:
+    """Make ``MapDataset``'s fallback work when its mapper returns None (e.g. an unreadable image).
+
+    It keeps the fallback candidates in a set and draws one with ``random.sample``, which takes
+    only sequences since Python 3.11 (a ``TypeError``). The candidates become a
+    :class:`_FallbackCandidates`, a set that is also a sequence, so the same draw works.
+    """
+    import random
+
     from detectron2.data import common
 
     map_dataset = common.MapDataset
-    if getattr(map_dataset, "_kd_fixed", False):
+    if getattr(map_dataset, "_kd_fallback_fixed", False):
         return
     probe = map_dataset([0], lambda x: x)
-    if isinstance(getattr(probe, "_fallback_candidates", None), set):
-        # v0.6 keeps the fallback candidates in a set and calls random.sample on it, a TypeError
-        # since Python 3.11 the first time a mapper returns None (e.g. an unreadable image).
-        original_getitem = map_dataset.__getitem__
+    try:
+        random.Random(0).sample(probe._fallback_candidates, k=1)
+    except TypeError:
+        original_init = map_dataset.__init__
 
-        def __getitem__(self, idx):
+        def __init__(self, dataset, map_func):
+            original_init(self, dataset, map_func)
             if isinstance(self._fallback_candidates, set):
-                self._fallback_candidates = _SampleableSet(self._fallback_candidates)
-            return original_getitem(self, idx)
+                self._fallback_candidates = _FallbackCandidates(self._fallback_candidates)
 
-        map_dataset.__getitem__ = __getitem__
-    map_dataset._kd_fixed = True
+        map_dataset.__init__ = __init__
+    except AttributeError:  # another detectron2 draws its fallback differently
+        pass
+    map_dataset._kd_fallback_fixed = True
 
 
 def group_norm(channels: int) -> "torch.nn.GroupNorm":  # noqa: F821 (torch imported lazily)
@@ -170,11 +185,40 @@ def _fix_retinanet_head_group_norm() -> None:
     RetinaNetHead._kd_fixed = True
 
 
-class _SampleableSet(set):
-    """A set that ``random.sample`` accepts (it needs a sequence since Python 3.11)."""
+class _FallbackCandidates(collections.abc.Sequence):
+    """The set of indices ``MapDataset`` may fall back to, as a sequence ``random.sample`` takes.
 
-    def __getitem__(self, i: int):
-        return sorted(self)[i]
+    ``add``, ``discard``, ``in`` and indexing are O(1): members sit in a list, and a discarded one
+    is replaced by the last. One ``sample(k=1)`` draws ``randbelow(len)`` from the dataset's RNG,
+    as it did on a set before Python 3.11.
+    """
+
+    def __init__(self, items: Iterable[int] = ()):
+        self._items: List[int] = sorted(items)
+        self._position = {item: i for i, item in enumerate(self._items)}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):
+        return self._items[i]
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._position
+
+    def add(self, item: int) -> None:
+        if item not in self._position:
+            self._position[item] = len(self._items)
+            self._items.append(item)
+
+    def discard(self, item: int) -> None:
+        i = self._position.pop(item, None)
+        if i is None:
+            return
+        last = self._items.pop()
+        if i < len(self._items):
+            self._items[i] = last
+            self._position[last] = i
 
 
 class TrainerStateMixin:

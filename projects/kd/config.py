@@ -19,6 +19,7 @@ def add_kd_config(cfg: CN) -> None:
     add_detr_config(cfg)
     _add_fcos_keys(cfg)
     _add_solver_keys(cfg)
+    _add_dataloader_keys(cfg)
     if "KD" in cfg:
         return
     cfg.KD = CN()
@@ -77,6 +78,20 @@ def add_kd_config(cfg: CN) -> None:
     _add_gid_keys(cfg)
     _add_kd_detr_keys(cfg)
     _add_hetero_keys(cfg)
+
+
+def _add_dataloader_keys(cfg: CN) -> None:
+    """``DATALOADER.*`` keys of the dataset check before a run (:mod:`kd.data.validation`)."""
+    if "ON_BAD_ANNOTATIONS" not in cfg.DATALOADER:
+        # What to do with a missing or empty image file, a box of zero or negative size, a box
+        # beyond its image by more than BOX_TOLERANCE, or an invalid category, all found before
+        # the first step: "stop" (default) ends the run naming them; "skip" trains without those
+        # boxes and images, counted and logged. Evaluation always stops on a missing image.
+        cfg.DATALOADER.ON_BAD_ANNOTATIONS = "stop"
+    if "BOX_TOLERANCE" not in cfg.DATALOADER:
+        # How far (pixels) a box may reach beyond its image's border and still count as good
+        # (detectron2 clips it to the image). Default 2.0: rounding and 1-based coordinates.
+        cfg.DATALOADER.BOX_TOLERANCE = 2.0
 
 
 def _add_solver_keys(cfg: CN) -> None:

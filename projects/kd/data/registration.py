@@ -1,4 +1,4 @@
-"""Register folder datasets and check registered datasets before a run starts.
+"""Register folder datasets and check registered datasets' annotation files before a run starts.
 
 Folder convention: every ``ROOT/NAME/annotations/instances_{train,val}.json`` (COCO format) is
 registered as ``NAME_train`` / ``NAME_val`` with images under ``ROOT/NAME/{train,val}/``.
@@ -7,12 +7,13 @@ itself looks for its builtin datasets (``coco_2017_train`` under ``ROOT/coco/`` 
 """
 
 import difflib
+import functools
 import json
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets import load_coco_json
 
 __all__ = ["datasets_root", "register_folder_datasets", "validate_dataset", "validate_datasets"]
 
@@ -65,12 +66,22 @@ def register_folder_datasets(root: Optional[str] = None) -> List[str]:
             if name in known or not os.path.isfile(json_file):
                 continue
             image_root = os.path.join(root, folder, split)
-            register_coco_instances(
-                name, {}, os.path.abspath(json_file), os.path.abspath(image_root)
-            )
+            _register_coco(name, os.path.abspath(json_file), os.path.abspath(image_root))
             known.add(name)
             registered.append(name)
     return registered
+
+
+def _register_coco(name: str, json_file: str, image_root: str) -> None:
+    """detectron2's ``register_coco_instances``, keeping each annotation's COCO ``id`` in the
+    dicts so that a bad box is named by it (:mod:`kd.data.validation`)."""
+    DatasetCatalog.register(
+        name,
+        functools.partial(
+            load_coco_json, json_file, image_root, name, extra_annotation_keys=["id"]
+        ),
+    )
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
 
 
 def _root_description() -> str:
@@ -180,19 +191,33 @@ def _check_coco_file(name: str, json_file: str, image_root: Optional[str]) -> No
                 f"Annotation file of dataset {name!r} has zero {key}: {json_file}. Nothing could "
                 f"be trained or evaluated on it.\n{fix}"
             )
-    if image_root is None:
-        return
-    if not os.path.isdir(image_root):
+    _check_categories(name, json_file, data)
+    # Each image file is checked with the boxes, before the run (kd.data.validation).
+    if image_root is not None and not os.path.isdir(image_root):
         raise FileNotFoundError(
             f"Image folder of dataset {name!r} does not exist: {image_root} (annotations: "
             f"{json_file}).\n{fix}"
         )
-    first = data["images"][0].get("file_name", "")
-    if not os.path.isfile(os.path.join(image_root, first)):
-        raise FileNotFoundError(
-            f"Image folder of dataset {name!r} lacks the images its annotations name: "
-            f"{os.path.join(image_root, first)} is missing.\n{fix}"
-        )
+
+
+def _check_categories(name: str, json_file: str, data: dict) -> None:
+    """Every annotation's ``category_id`` must be declared in ``categories``: detectron2's COCO
+    loader stops with a bare ``KeyError`` otherwise, so this cannot be skipped either."""
+    declared = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
+    bad = [a for a in data["annotations"] if a.get("category_id") not in declared]
+    if not bad:
+        return
+    files = {i.get("id"): i.get("file_name") for i in data["images"] if isinstance(i, dict)}
+    examples = "\n".join(
+        f"  {files.get(a.get('image_id'), '<image_id ' + str(a.get('image_id')) + '>')}: "
+        f"annotation id {a.get('id')}: category_id {a.get('category_id')!r}"
+        for a in bad[:5]
+    )
+    raise ValueError(
+        f"Dataset {name!r}: {len(bad)} annotations of {json_file} have a category_id that its "
+        f"'categories' list ({sorted(declared, key=str)}) does not declare. First ones:\n"
+        f"{examples}\nFix: correct those annotations or declare their categories in the file."
+    )
 
 
 def validate_dataset(name: str) -> None:
@@ -200,16 +225,18 @@ def validate_dataset(name: str) -> None:
 
     For COCO-format datasets (those whose metadata has a ``json_file``: folder datasets, the
     builtin ``coco_*`` names, anything registered with ``register_coco_instances``) the file must
-    exist, parse as JSON and hold at least one image, annotation and category, and the image
-    folder must hold the first image. Other datasets are only checked for registration. The file
-    is parsed once per process while it does not change.
+    exist, parse as JSON, hold at least one image, annotation and category, declare the category
+    of every annotation, and its image folder must exist. Other datasets are only checked for
+    registration. The file is parsed once per process while it does not change. Each image file
+    and box is checked later, on the dataset dicts, before the first step or the first inference
+    (:mod:`kd.data.validation`).
 
     Args:
         name: a dataset name, e.g. ``cfg.DATASETS.TRAIN[0]``.
 
     Raises:
         ValueError: the name is not registered, or the file is unreadable, not JSON, not a COCO
-            detection file or empty. The message says how to fix it.
+            detection file, empty, or uses undeclared categories. The message says how to fix it.
         FileNotFoundError: the annotation file or the image folder is missing.
     """
     if name not in DatasetCatalog.list():
