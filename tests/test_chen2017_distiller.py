@@ -11,6 +11,7 @@ from conftest import (
     build_cfg,
     kd_opts,
     load_script,
+    save_untrained_teacher,
     without_annotations,
 )
 
@@ -262,3 +263,251 @@ def test_batch_without_foreground(tiny_teacher, tmp_path, batch, empty):
     sum(losses.values()).backward()
     grads = [p.grad for p in model.student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+# ----------------------------------------------------------------------------- values by hand
+# The loss terms recomputed from the models' raw outputs (RPN head, box predictor) with the
+# paper's formulas written out here: the R-CNN box encoding, the softmaxes, the bound, the
+# normalisers. Nothing of kd.losses or of the distiller's own bookkeeping is called.
+
+
+def encode(boxes, gt, weights):
+    """R-CNN box deltas of ``gt`` relative to ``boxes`` (xyxy), scaled by ``weights``."""
+    wx, wy, ww, wh = weights
+    pw, ph = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    px, py = boxes[:, 0] + 0.5 * pw, boxes[:, 1] + 0.5 * ph
+    gw, gh = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    gx, gy = gt[:, 0] + 0.5 * gw, gt[:, 1] + 0.5 * gh
+    return torch.stack(
+        [
+            wx * (gx - px) / pw,
+            wy * (gy - py) / ph,
+            ww * torch.log(gw / pw),
+            wh * torch.log(gh / ph),
+        ],
+        dim=1,
+    )
+
+
+def decode(deltas, boxes, weights):
+    """The inverse of :func:`encode`: xyxy boxes from deltas."""
+    wx, wy, ww, wh = weights
+    pw, ph = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    px, py = boxes[:, 0] + 0.5 * pw, boxes[:, 1] + 0.5 * ph
+    cx, cy = px + deltas[:, 0] / wx * pw, py + deltas[:, 1] / wy * ph
+    w, h = pw * torch.exp(deltas[:, 2] / ww), ph * torch.exp(deltas[:, 3] / wh)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=1)
+
+
+def bound(student, teacher, targets, margin):
+    """Per-sample ||R_s - y||^2 where ||R_s - y||^2 + m > ||R_t - y||^2, else 0 [paper]."""
+    s_err = ((student - targets) ** 2).sum(1)
+    t_err = ((teacher - targets) ** 2).sum(1)
+    return torch.where(s_err + margin > t_err, s_err, torch.zeros_like(s_err))
+
+
+def record_step(model, batch, seed=0):
+    """One training step of the distiller, with the raw outputs it was computed from."""
+    student, rec = model.student, {}
+    rpn, roi = student.proposal_generator, student.roi_heads
+    hooks = [
+        rpn.anchor_generator.register_forward_hook(lambda m, a, out: rec.update(anchors=out)),
+        rpn.rpn_head.register_forward_hook(lambda m, a, out: rec.update(rpn=out)),
+        model.teacher.proposal_generator.rpn_head.register_forward_hook(
+            lambda m, a, out: rec.update(t_rpn=out)
+        ),
+        roi.box_predictor.register_forward_hook(lambda m, a, out: rec.update(box=out)),
+    ]
+    label_anchors, label_proposals = rpn.label_and_sample_anchors, roi.label_and_sample_proposals
+
+    def anchors_recorded(*args):
+        rec["anchor_labels"] = label_anchors(*args)
+        return rec["anchor_labels"]
+
+    def proposals_recorded(*args):
+        rec["sampled"] = label_proposals(*args)
+        return rec["sampled"]
+
+    rpn.label_and_sample_anchors = anchors_recorded
+    roi.label_and_sample_proposals = proposals_recorded
+    try:
+        torch.manual_seed(seed)
+        losses = model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        del rpn.label_and_sample_anchors, roi.label_and_sample_proposals
+    return losses, rec
+
+
+def flat_rpn(logits, deltas):
+    """Per level (N, A, H, W) / (N, A*4, H, W) -> (N, sum H*W*A) / (N, sum H*W*A, 4), ordered
+    (y, x, anchor) within a level, as detectron2's anchors are."""
+    out_l, out_d = [], []
+    for z, d in zip(logits, deltas):
+        n, a, h, w = z.shape
+        out_l.append(z.permute(0, 2, 3, 1).reshape(n, -1))
+        out_d.append(d.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+    return torch.cat(out_l, 1), torch.cat(out_d, 1)
+
+
+def teacher_box_outputs(model, batch, boxes):
+    """The teacher's box head at the given absolute boxes (per image), run here by hand."""
+    teacher = model.teacher
+    with torch.no_grad():
+        images = teacher.preprocess_image(batch)
+        features = teacher.backbone(images.tensor)
+        roi = teacher.roi_heads
+        pooled = roi.box_pooler([features[f] for f in roi.box_in_features], boxes)
+        return roi.box_predictor(roi.box_head(pooled))
+
+
+def reference_terms(cfg, teacher_cfg, model, batch, rec, background_column=-1, delta_class=None):
+    """The four Chen et al. terms of one step, recomputed (float64) from ``rec``.
+
+    Args:
+        background_column: where w_bg goes in the soft CE (detectron2: last).
+        delta_class: None: the ground-truth class's deltas; else a fixed class (to show that the
+            test tells them apart).
+    """
+    c = cfg.KD.CHEN2017
+    mu, T, w_bg = c.HARD_WEIGHT, c.TEMPERATURE, c.BACKGROUND_WEIGHT
+    nu, m = c.BOUND_WEIGHT, c.BOUND_MARGIN
+    num_images = len(batch)
+    out = {}
+
+    # ---- RPN, over the sampled anchors; normaliser M = RPN batch size per image x images.
+    M = cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE * num_images
+    s_logits, s_deltas = flat_rpn(*rec["rpn"])
+    t_logits, t_deltas = flat_rpn(*rec["t_rpn"])
+    s_logits, s_deltas = s_logits.double(), s_deltas.double()
+    t_logits, t_deltas = t_logits.double(), t_deltas.double()
+    labels, matched = rec["anchor_labels"]
+    labels = torch.stack(labels)
+    anchors = torch.cat([a.tensor for a in rec["anchors"]]).double()
+    sampled = labels >= 0
+    p_t = torch.sigmoid(t_logits[sampled] / T)
+    p_s = torch.sigmoid(s_logits[sampled] / T)
+    soft = -(p_t * torch.log(p_s) + w_bg * (1 - p_t) * torch.log(1 - p_s))
+    rpn_cls_weight = cfg.MODEL.RPN.LOSS_WEIGHT
+    rpn_loc_weight = cfg.MODEL.RPN.LOSS_WEIGHT * cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT
+    out["rpn_soft_cls"] = (1 - mu) * rpn_cls_weight * soft.sum() / M
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(num_images):
+        pos = labels[i] == 1
+        a, g = anchors[pos], matched[i][pos].double()
+        y = encode(a, g, cfg.MODEL.RPN.BBOX_REG_WEIGHTS)
+        t = encode(a, decode(t_deltas[i][pos], a, teacher_cfg.MODEL.RPN.BBOX_REG_WEIGHTS),
+                   cfg.MODEL.RPN.BBOX_REG_WEIGHTS)  # fmt: skip
+        total = total + bound(s_deltas[i][pos], t, y, m).sum()
+    out["rpn_bounded_reg"] = nu * rpn_loc_weight * total / M
+
+    # ---- RCN, over the sampled proposals; normaliser N = all sampled proposals.
+    sampled_props = rec["sampled"]
+    boxes = [p.proposal_boxes for p in sampled_props]
+    scores, deltas = (x.double() for x in rec["box"])
+    t_scores, t_deltas = (x.double() for x in teacher_box_outputs(model, batch, boxes))
+    N = sum(len(p) for p in sampled_props)
+    K = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    weights = torch.ones(K + 1, dtype=torch.float64)
+    weights[background_column] = w_bg
+    q_t = torch.exp(t_scores / T) / torch.exp(t_scores / T).sum(1, keepdim=True)
+    log_q_s = torch.log(torch.exp(scores / T) / torch.exp(scores / T).sum(1, keepdim=True))
+    out["rcn_soft_cls"] = (1 - mu) * (-(weights * q_t * log_q_s).sum()) / N
+    classes = torch.cat([p.gt_classes for p in sampled_props])
+    proposals = torch.cat([b.tensor for b in boxes]).double()
+    gt = torch.cat(
+        [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in sampled_props]
+    ).double()
+    s_w, t_w = (
+        cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS,
+        teacher_cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS,
+    )
+    total = torch.zeros((), dtype=torch.float64)
+    for j in range(N):
+        k = int(classes[j])
+        if k == K:  # background: no regression
+            continue
+        k = k if delta_class is None else delta_class
+        p, y = proposals[j : j + 1], encode(proposals[j : j + 1], gt[j : j + 1], s_w)
+        s = deltas[j : j + 1, 4 * k : 4 * k + 4]
+        t = encode(p, decode(t_deltas[j : j + 1, 4 * k : 4 * k + 4], p, t_w), s_w)
+        total = total + bound(s, t, y, m).sum()
+    out["rcn_bounded_reg"] = nu * cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT * total / N
+    return out
+
+
+def assert_terms(losses, expected, names):
+    for name in names:
+        got = losses[f"loss_kd_chen2017_{name}"].item()
+        assert got == pytest.approx(expected[name].item(), rel=1e-4, abs=1e-7), name
+
+
+@pytest.fixture(scope="module")
+def strong_teacher(datasets_root, tmp_path_factory):
+    """An untrained tiny teacher with its own box encodings (RPN and ROI BBOX_REG_WEIGHTS unlike
+    the student's) and larger RPN / box deltas (x30), so that comparing raw and re-encoded deltas
+    gates the bound differently."""
+    opts = list(TINY_RCNN_OPTS)
+    i = opts.index("MODEL.FPN.OUT_CHANNELS")
+    opts[i + 1] = "48"
+    opts += [
+        "MODEL.RPN.BBOX_REG_WEIGHTS", "(4.0, 4.0, 2.0, 2.0)",
+        "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", "(20.0, 20.0, 2.0, 2.0)",
+    ]  # fmt: skip
+    out = tmp_path_factory.mktemp("strong_teacher")
+    config, weights = save_untrained_teacher(
+        out, "configs/kd_shapes/faster_rcnn_teacher.yaml", opts, seed=4
+    )
+    state = torch.load(weights, weights_only=True)
+    for key in ("proposal_generator.rpn_head.anchor_deltas", "roi_heads.box_predictor.bbox_pred"):
+        state["model"][f"{key}.weight"] *= 30.0
+    torch.save(state, weights)
+    return config, weights
+
+
+def test_rpn_bounded_term_compares_in_the_students_encoding(strong_teacher, tmp_path, batch):
+    """The teacher's RPN deltas are decoded with its own box transform and re-encoded with the
+    student's before the bound compares them with the student's targets."""
+    from detectron2.modeling import build_model
+
+    cfg = build_cfg(
+        KD_CONFIG, [*kd_opts(strong_teacher, tmp_path), "KD.CHEN2017.BOUND_WEIGHT", "0.7"]
+    )
+    teacher_cfg = build_cfg(strong_teacher[0], [])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    losses, rec = record_step(model, batch)
+    expected = reference_terms(cfg, teacher_cfg, model, batch, rec)
+    assert expected["rpn_bounded_reg"] > 0
+    assert_terms(losses, expected, ["rpn_bounded_reg", "rcn_bounded_reg"])
+    # The test tells the encodings apart: the teacher's raw deltas give another value.
+    raw = teacher_cfg.clone()
+    raw.defrost()
+    raw.MODEL.RPN.BBOX_REG_WEIGHTS = cfg.MODEL.RPN.BBOX_REG_WEIGHTS
+    other = reference_terms(cfg, raw, model, batch, rec)["rpn_bounded_reg"]
+    assert abs(other - expected["rpn_bounded_reg"]) > 1e-3 * expected["rpn_bounded_reg"]
+
+
+def test_rpn_terms_refuse_other_anchor_layouts(tmp_path):
+    """Anchor i is the same box for both models only with the same anchor offset and the same
+    padded grid (the backbones' size divisibility); otherwise the RPN terms are refused."""
+    opts = [*TINY_RCNN_OPTS, "MODEL.ANCHOR_GENERATOR.OFFSET", "0.5"]
+    teacher = save_untrained_teacher(
+        tmp_path, "configs/kd_shapes/faster_rcnn_teacher.yaml", opts, seed=0
+    )
+    with pytest.raises(ValueError, match=r"OFFSET \(student 0.0, teacher 0.5\)"):
+        build(teacher, tmp_path)
+    rpn_off = ["KD.CHEN2017.RPN_SOFT_CLS", "False", "KD.CHEN2017.RPN_BOUNDED_REG", "False"]
+    build(teacher, tmp_path, *rpn_off)  # without the RPN terms the pair is fine
+
+    same = save_untrained_teacher(
+        tmp_path, "configs/kd_shapes/faster_rcnn_teacher.yaml", TINY_RCNN_OPTS, seed=0
+    )
+    model = build(same, tmp_path, *rpn_off)
+    # A backbone that pads to a coarser multiple (as a P3-P7 FPN does) makes a larger grid.
+    assert model.student.backbone.size_divisibility == 32
+    model.teacher.backbone._size_divisibility = 128
+    model.rpn_soft_cls = True
+    with pytest.raises(ValueError, match=r"size divisibility \(student 32, teacher 128\)"):
+        model._check_compatible(())

@@ -193,17 +193,30 @@ class Chen2017Distiller(Distiller):
                     "KD.STUDENT.INPUT_SCALE != 1"
                 )
             sa, ta = s.proposal_generator.anchor_generator, t.proposal_generator.anchor_generator
-            same = (
-                sa.strides == ta.strides
-                and sa.num_cell_anchors == ta.num_cell_anchors
-                and all(torch.equal(a, b) for a, b in zip(sa.cell_anchors, ta.cell_anchors))
-                and len(s.proposal_generator.in_features) == len(t.proposal_generator.in_features)
-            )
-            if not same:
+            # Anchor i must be the same box for both: the same cells on the same grids, and the
+            # grids as large (each model pads its batch to its backbone's size divisibility).
+            layout = {
+                "MODEL.ANCHOR_GENERATOR (SIZES / ASPECT_RATIOS) and the RPN's feature strides": (
+                    sa.strides == ta.strides
+                    and sa.num_cell_anchors == ta.num_cell_anchors
+                    and all(torch.equal(a, b) for a, b in zip(sa.cell_anchors, ta.cell_anchors))
+                    and len(s.proposal_generator.in_features)
+                    == len(t.proposal_generator.in_features)
+                ),
+                f"MODEL.ANCHOR_GENERATOR.OFFSET (student {sa.offset}, teacher {ta.offset})": (
+                    sa.offset == ta.offset
+                ),
+                "the backbones' size divisibility (student "
+                f"{s.backbone.size_divisibility}, teacher {t.backbone.size_divisibility})": (
+                    s.backbone.size_divisibility == t.backbone.size_divisibility
+                ),
+            }
+            differ = [what for what, same in layout.items() if not same]
+            if differ:
                 raise ValueError(
-                    "KD.CHEN2017.RPN_* terms need the teacher and the student to share the anchor "
-                    "layout (MODEL.ANCHOR_GENERATOR and the RPN's feature strides); they differ. "
-                    "Align them or switch the RPN terms off"
+                    "KD.CHEN2017.RPN_SOFT_CLS / RPN_BOUNDED_REG compare teacher and student anchor "
+                    f"by anchor, but their anchor layouts differ in {'; '.join(differ)}. Align "
+                    "them or switch the RPN terms off"
                 )
         s_shapes, t_shapes = s.backbone.output_shape(), t.backbone.output_shape()
         missing = [f for f in hint_features if f not in s_shapes or f not in t_shapes]
@@ -304,14 +317,16 @@ class Chen2017Distiller(Distiller):
         if self.rpn_bounded_reg:
             positive = gt_labels == 1
             anchor_boxes = type(anchors[0]).cat(anchors).tensor
-            targets = torch.stack(
-                [rpn.box2box_transform.get_deltas(anchor_boxes, b) for b in gt_boxes]
+            pos_anchors = anchor_boxes[None].expand(len(gt_boxes), -1, -1)[positive]
+            targets = rpn.box2box_transform.get_deltas(pos_anchors, torch.stack(gt_boxes)[positive])
+            t_pos = _deltas_in_student_space(
+                cat(t_deltas, dim=1)[positive],
+                pos_anchors,
+                student=rpn.box2box_transform,
+                teacher=t_rpn.box2box_transform,
             )
             bound = teacher_bounded_regression(
-                cat(deltas, dim=1)[positive],
-                cat(t_deltas, dim=1)[positive],
-                targets[positive],
-                margin=self.bound_margin,
+                cat(deltas, dim=1)[positive], t_pos, targets, margin=self.bound_margin
             )
             losses[PREFIX + "rpn_bounded_reg"] = (
                 self.bound_weight
@@ -372,21 +387,15 @@ class Chen2017Distiller(Distiller):
             )[fg]
             targets = roi.box_predictor.box2box_transform.get_deltas(proposal_boxes, gt_boxes)
             s_fg = _class_deltas(deltas[fg], gt_classes[fg])
-            t_fg = _class_deltas(t_deltas[fg], gt_classes[fg])
-            t_fg = self._teacher_deltas_in_student_space(t_fg, proposal_boxes)
+            t_fg = _deltas_in_student_space(
+                _class_deltas(t_deltas[fg], gt_classes[fg]),
+                proposal_boxes,
+                student=roi.box_predictor.box2box_transform,
+                teacher=t_roi.box_predictor.box2box_transform,
+            )
             bound = teacher_bounded_regression(s_fg, t_fg, targets, margin=self.bound_margin)
             losses[PREFIX + "rcn_bounded_reg"] = self.bound_weight * bound.sum() / num_sampled
         return losses
-
-    def _teacher_deltas_in_student_space(
-        self, t_deltas: torch.Tensor, proposal_boxes: torch.Tensor
-    ) -> torch.Tensor:
-        s_tf = self.student.roi_heads.box_predictor.box2box_transform
-        t_tf = self.teacher.roi_heads.box_predictor.box2box_transform
-        if tuple(s_tf.weights) == tuple(t_tf.weights):
-            return t_deltas
-        # Different BBOX_REG_WEIGHTS: decode with the teacher's, re-encode with the student's.
-        return s_tf.get_deltas(proposal_boxes, t_tf.apply_deltas(t_deltas, proposal_boxes))
 
     def _hint(self, features, t_features) -> torch.Tensor:
         terms = [
@@ -411,6 +420,24 @@ def _flatten_rpn_outputs(rpn, logits, deltas):
         for x in deltas
     ]
     return logits, deltas
+
+
+def _deltas_in_student_space(
+    t_deltas: torch.Tensor, boxes: torch.Tensor, *, student, teacher
+) -> torch.Tensor:
+    """Teacher deltas as the student's box transform encodes the same refined boxes.
+
+    Deltas are only comparable under one encoding: with different ``BBOX_REG_WEIGHTS`` they are
+    decoded with the teacher's transform and re-encoded with the student's (its targets' encoding).
+
+    Args:
+        t_deltas: (N, 4) the teacher's deltas at ``boxes``.
+        boxes: (N, 4) the anchors / proposals they refine, absolute xyxy.
+        student, teacher: the two models' ``Box2BoxTransform``.
+    """
+    if tuple(student.weights) == tuple(teacher.weights) and type(student) is type(teacher):
+        return t_deltas
+    return student.get_deltas(boxes, teacher.apply_deltas(t_deltas, boxes))
 
 
 def _class_deltas(deltas: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
