@@ -228,6 +228,18 @@ def test_interface_shapes_and_box_conversions():
     torch.testing.assert_close(denormalize_boxes(anchors, [(64, 80)]), boxes)
 
 
+def test_normalize_boxes_clips_corners():
+    """A box sticking out of the image keeps the part inside (corners clamped, then converted)."""
+    # Image 80 wide, 64 high. Out on the left: x0 = -16 -> 0, so x in [0, 48] = [0, 0.6].
+    # Out on the right and bottom: x in [60, 80] = [0.75, 1], y in [32, 64] = [0.5, 1].
+    boxes = torch.tensor([[[-16.0, 8.0, 48.0, 40.0], [60.0, 32.0, 100.0, 90.0]]])
+    expected = torch.tensor([[[0.3, 0.375, 0.6, 0.5], [0.875, 0.75, 0.25, 0.5]]])
+    torch.testing.assert_close(normalize_boxes(boxes, [(64, 80)]), expected)
+    # Wholly outside: an empty box on the border, not a box of the original size.
+    outside = normalize_boxes(torch.tensor([[[90.0, 10.0, 120.0, 20.0]]]), [(64, 80)])
+    assert outside[0, 0, 0] == 1.0 and outside[0, 0, 2] == 0.0
+
+
 # ------------------------------------------------------------------------------ training
 
 

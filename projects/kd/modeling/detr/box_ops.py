@@ -70,9 +70,12 @@ def normalize_boxes(boxes_xyxy: Tensor, image_sizes: List[Tuple[int, int]]) -> T
         image_sizes: (h, w) of each input image before padding (``DETREncoded.image_sizes``).
 
     Returns:
-        (B, M, 4) cxcywh boxes normalised by each image's own size, clamped to [0, 1].
+        (B, M, 4) cxcywh boxes normalised by each image's own size and clipped to the image: the
+        corners are clamped to [0, 1] before the conversion, so a box that sticks out keeps the
+        part inside (clamping cx, cy, w, h instead would leave it sticking out, or move it).
     """
-    return box_xyxy_to_cxcywh(boxes_xyxy / _size_tensor(image_sizes, boxes_xyxy)).clamp(0, 1)
+    corners = (boxes_xyxy / _size_tensor(image_sizes, boxes_xyxy)).clamp(0, 1)
+    return box_xyxy_to_cxcywh(corners)
 
 
 def denormalize_boxes(boxes_cxcywh: Tensor, image_sizes: List[Tuple[int, int]]) -> Tensor:
