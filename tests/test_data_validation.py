@@ -9,7 +9,7 @@ from typing import List
 import numpy as np
 import pytest
 from conftest import REPO, TINY_DATASET, TINY_RCNN_OPTS, build_cfg, run_train_net
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.structures import BoxMode
 from PIL import Image
 
@@ -140,6 +140,19 @@ def test_skip_keeps_emptied_images_when_empty_images_are_wanted(bad_set):
     )
     kept = validate_train_dicts(cfg, DatasetCatalog.get("badset_train"))
     assert _ids(kept) == [[13, 14], [], [51]]
+
+
+def test_skip_that_leaves_nothing_stops(tmp_path, registered):
+    _write_dataset(tmp_path, "allbad", boxes=[(0, 11, [10, 5, -4, 6]), (3, 41, [3, 3, 0, 5])])
+    registered.extend(register_folder_datasets(str(tmp_path)))
+    cfg = build_cfg(
+        STUDENT_CONFIG,
+        ["DATASETS.TRAIN", "('allbad_train',)", "DATALOADER.ON_BAD_ANNOTATIONS", "skip"],
+    )
+    # As the trainer loads them: images without boxes (img4) are already left out.
+    dicts = get_detection_dataset_dicts(["allbad_train"], filter_empty=True)
+    with pytest.raises(ValueError, match="leaves no image to train on"):
+        validate_train_dicts(cfg, dicts)
 
 
 def test_tolerance_is_a_config_key(bad_set):

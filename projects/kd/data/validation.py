@@ -432,6 +432,15 @@ def validate_train_dicts(cfg: CfgNode, dataset_dicts: List[dict]) -> List[dict]:
             )
         )
     kept, emptied = apply_report(dataset_dicts, report, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+    if not kept:
+        raise ValueError(
+            _stop_message(
+                names,
+                dataset_dicts,
+                report,
+                "DATALOADER.ON_BAD_ANNOTATIONS skip leaves no image to train on: fix the data.",
+            )
+        )
     lost = f", and {emptied} images left without annotations" if emptied else ""
     logger.warning(
         "Dataset %s: %s. DATALOADER.ON_BAD_ANNOTATIONS skip: training without the %d bad "
