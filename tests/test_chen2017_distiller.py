@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -29,6 +30,7 @@ def batch(datasets_root):
     mapper = DatasetMapper(cfg, True)
     dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN)[:2]
     torch.manual_seed(0)
+    np.random.seed(0)  # detectron2's augmentations (the random flip) draw from numpy
     return [mapper(copy.deepcopy(d)) for d in dicts]
 
 
@@ -437,6 +439,18 @@ def reference_terms(cfg, teacher_cfg, model, batch, rec, background_column=-1, d
     return out
 
 
+def value_model(cfg):
+    """The distiller of ``cfg``, its student's box deltas scaled up from their 0.001 init (the
+    teacher's are too), so that the bound is active on some proposals and not on others."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    with torch.no_grad():
+        model.student.roi_heads.box_predictor.bbox_pred.weight.mul_(100.0)
+    return model
+
+
 def assert_terms(losses, expected, names):
     for name in names:
         got = losses[f"loss_kd_chen2017_{name}"].item()
@@ -446,7 +460,8 @@ def assert_terms(losses, expected, names):
 @pytest.fixture(scope="module")
 def strong_teacher(datasets_root, tmp_path_factory):
     """An untrained tiny teacher with its own box encodings (RPN and ROI BBOX_REG_WEIGHTS unlike
-    the student's) and larger RPN / box deltas (x30), so that comparing raw and re-encoded deltas
+    the student's) and larger deltas than at initialisation (RPN x30, box head x100, as
+    :func:`value_model` scales the student's box head), so that comparing raw and re-encoded deltas
     gates the bound differently."""
     opts = list(TINY_RCNN_OPTS)
     i = opts.index("MODEL.FPN.OUT_CHANNELS")
@@ -460,8 +475,8 @@ def strong_teacher(datasets_root, tmp_path_factory):
         out, "configs/kd_shapes/faster_rcnn_teacher.yaml", opts, seed=4
     )
     state = torch.load(weights, weights_only=True)
-    for key in ("proposal_generator.rpn_head.anchor_deltas", "roi_heads.box_predictor.bbox_pred"):
-        state["model"][f"{key}.weight"] *= 30.0
+    state["model"]["proposal_generator.rpn_head.anchor_deltas.weight"] *= 30.0
+    state["model"]["roi_heads.box_predictor.bbox_pred.weight"] *= 100.0
     torch.save(state, weights)
     return config, weights
 
@@ -469,14 +484,11 @@ def strong_teacher(datasets_root, tmp_path_factory):
 def test_rpn_bounded_term_compares_in_the_students_encoding(strong_teacher, tmp_path, batch):
     """The teacher's RPN deltas are decoded with its own box transform and re-encoded with the
     student's before the bound compares them with the student's targets."""
-    from detectron2.modeling import build_model
-
     cfg = build_cfg(
         KD_CONFIG, [*kd_opts(strong_teacher, tmp_path), "KD.CHEN2017.BOUND_WEIGHT", "0.7"]
     )
     teacher_cfg = build_cfg(strong_teacher[0], [])
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
+    model = value_model(cfg)
     losses, rec = record_step(model, batch)
     expected = reference_terms(cfg, teacher_cfg, model, batch, rec)
     assert expected["rpn_bounded_reg"] > 0
@@ -511,3 +523,24 @@ def test_rpn_terms_refuse_other_anchor_layouts(tmp_path):
     model.rpn_soft_cls = True
     with pytest.raises(ValueError, match=r"size divisibility \(student 32, teacher 128\)"):
         model._check_compatible(())
+
+
+def test_terms_take_the_detectors_loss_weights(strong_teacher, tmp_path, batch):
+    """The bounded terms join L_reg, so they are weighted like detectron2's hard regression
+    losses: ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT for the RCN, RPN.LOSS_WEIGHT x
+    RPN.BBOX_REG_LOSS_WEIGHT for the RPN (and RPN.LOSS_WEIGHT for its soft CE)."""
+    cfg = build_cfg(
+        KD_CONFIG,
+        [
+            *kd_opts(strong_teacher, tmp_path),
+            "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT", "2.5",
+            "MODEL.RPN.BBOX_REG_LOSS_WEIGHT", "1.5",
+            "MODEL.RPN.LOSS_WEIGHT", "0.8",
+        ],
+    )  # fmt: skip
+    teacher_cfg = build_cfg(strong_teacher[0], [])
+    model = value_model(cfg)
+    losses, rec = record_step(model, batch)
+    expected = reference_terms(cfg, teacher_cfg, model, batch, rec)
+    assert expected["rcn_bounded_reg"] > 0 and expected["rpn_bounded_reg"] > 0
+    assert_terms(losses, expected, ["rpn_soft_cls", "rpn_bounded_reg", "rcn_bounded_reg"])

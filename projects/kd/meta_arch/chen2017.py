@@ -368,6 +368,9 @@ class Chen2017Distiller(Distiller):
             t_scores, t_deltas = t_roi.box_predictor(t_box_features)
         gt_classes = cat([p.gt_classes for p in proposals])
         num_sampled = max(gt_classes.numel(), 1)  # N, as in the box head's own losses
+        # The soft and bounded terms are parts of L_cls and L_reg [paper], so they take the
+        # weights detectron2 gives the hard terms they join (BBOX_REG_LOSS_WEIGHT), as on the RPN.
+        loss_weight = roi.box_predictor.loss_weight
         if self.rcn_soft_cls:
             weights = torch.ones(scores.shape[1], device=scores.device)
             weights[-1] = self.background_weight  # detectron2 puts background last
@@ -375,7 +378,9 @@ class Chen2017Distiller(Distiller):
                 scores, t_scores, weights, temperature=self.temperature
             )
             losses["loss_cls"] = losses["loss_cls"] * self.hard_weight
-            losses[PREFIX + "rcn_soft_cls"] = (1 - self.hard_weight) * soft.sum() / num_sampled
+            losses[PREFIX + "rcn_soft_cls"] = (
+                (1 - self.hard_weight) * loss_weight.get("loss_cls", 1.0) * soft.sum() / num_sampled
+            )
         if self.rcn_bounded_reg:
             num_classes = scores.shape[1] - 1
             fg = (gt_classes >= 0) & (gt_classes < num_classes)
@@ -394,7 +399,9 @@ class Chen2017Distiller(Distiller):
                 teacher=t_roi.box_predictor.box2box_transform,
             )
             bound = teacher_bounded_regression(s_fg, t_fg, targets, margin=self.bound_margin)
-            losses[PREFIX + "rcn_bounded_reg"] = self.bound_weight * bound.sum() / num_sampled
+            losses[PREFIX + "rcn_bounded_reg"] = (
+                self.bound_weight * loss_weight.get("loss_box_reg", 1.0) * bound.sum() / num_sampled
+            )
         return losses
 
     def _hint(self, features, t_features) -> torch.Tensor:
