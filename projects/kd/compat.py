@@ -8,8 +8,8 @@ compiled ``detectron2._C``. It covers what the pure-Python detectron2 v0.6 snaps
   interpreter of the project's environment by a ``.pth`` file that ``make setup`` writes. It
   answers the version queries of ``collect_env_info`` and raises a clear error naming any compiled
   op that is called;
-* COCO evaluation through pycocotools when the fast C++ evaluator is missing
-  (:func:`build_coco_evaluator`);
+* a fast COCO evaluator when detectron2's compiled one is missing: faster-coco-eval where it is
+  installed, pycocotools otherwise (:func:`install_fast_coco_eval`, :func:`build_coco_evaluator`);
 * a launcher that runs ``--num-gpus N`` as N CPU processes over gloo when there is no CUDA
   (:func:`launch`);
 * the optimizer and AMP grad-scaler state in checkpoints, which v0.6's ``DefaultTrainer`` does not
@@ -36,6 +36,7 @@ __all__ = [
     "install_import_hook",
     "apply_runtime_fixes",
     "group_norm",
+    "install_fast_coco_eval",
     "build_coco_evaluator",
     "launch",
     "TrainerStateMixin",
@@ -239,8 +240,47 @@ class TrainerStateMixin:
             self._trainer.load_state_dict(state_dict["_trainer"])
 
 
+def install_fast_coco_eval() -> bool:
+    """Make ``COCOEvaluator(..., use_fast_impl=True)`` work; returns whether it does.
+
+    With detectron2's compiled ``_C`` this is detectron2's own ``COCOeval_opt`` and nothing
+    changes. Without it, detectron2's ``COCOeval_opt`` would call the missing extension; where
+    the ``faster-coco-eval`` package is installed, its ``COCOeval_faster`` (a C++ port of the same
+    algorithm that gives pycocotools' AP, checked in ``tests/test_coco_eval.py``) takes its place
+    in ``detectron2.evaluation.coco_evaluation``, the module whose
+    ``_evaluate_predictions_on_coco`` picks the class. Otherwise False: use pycocotools
+    (``use_fast_impl=False``). Idempotent.
+    """
+    if has_compiled_ops():
+        return True
+    try:
+        from faster_coco_eval import COCOeval_faster
+    except ImportError:
+        return False
+    from detectron2.evaluation import coco_evaluation
+
+    if not hasattr(coco_evaluation, "COCOeval_opt"):  # a detectron2 that picks its class otherwise
+        return False
+    current = coco_evaluation.COCOeval_opt
+    if isinstance(current, type) and issubclass(current, COCOeval_faster):
+        return True
+
+    class FasterCOCOeval(COCOeval_faster):
+        """faster-coco-eval's ``COCOeval`` built as detectron2 builds ``COCOeval_opt``, printing
+        its progress and summary as pycocotools does."""
+
+        def __init__(self, cocoGt=None, cocoDt=None, iouType: str = "segm"):
+            super().__init__(cocoGt, cocoDt, iouType, print_function=print)
+
+    coco_evaluation.COCOeval_opt = FasterCOCOeval
+    return True
+
+
 def build_coco_evaluator(dataset_name: str, output_dir: Optional[str] = None, **kwargs: Any):
-    """``COCOEvaluator`` that uses pycocotools whenever the fast C++ evaluator is missing.
+    """``COCOEvaluator`` with the fastest COCO evaluation available.
+
+    detectron2's compiled evaluator, else faster-coco-eval, else pycocotools
+    (:func:`install_fast_coco_eval`); all three give the same AP.
 
     Args:
         dataset_name: a registered detectron2 dataset with COCO-format metadata.
@@ -249,8 +289,32 @@ def build_coco_evaluator(dataset_name: str, output_dir: Optional[str] = None, **
     """
     from detectron2.evaluation import COCOEvaluator
 
-    kwargs.setdefault("use_fast_impl", has_compiled_ops())
+    if "use_fast_impl" not in kwargs:
+        kwargs["use_fast_impl"] = install_fast_coco_eval()
     return COCOEvaluator(dataset_name, output_dir=output_dir, **kwargs)
+
+
+def create_local_process_group(num_per_machine: int) -> None:
+    """Give detectron2 its per-machine process group (``comm.get_local_rank/get_local_size``).
+
+    Call in every process once the global group is up (``new_group`` is collective); ranks
+    ``m * num_per_machine ... (m + 1) * num_per_machine - 1`` are machine ``m``, as detectron2's
+    launcher lays them out.
+
+    Args:
+        num_per_machine: processes on each machine.
+    """
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    if hasattr(comm, "create_local_process_group"):  # detectron2 after v0.6
+        comm.create_local_process_group(num_per_machine)
+        return
+    machine_rank = dist.get_rank() // num_per_machine
+    for i in range(dist.get_world_size() // num_per_machine):
+        group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
 
 
 def launch(
