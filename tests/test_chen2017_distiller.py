@@ -364,13 +364,15 @@ def teacher_box_outputs(model, batch, boxes):
         return roi.box_predictor(roi.box_head(pooled))
 
 
-def reference_terms(cfg, teacher_cfg, model, batch, rec, background_column=-1, delta_class=None):
+def reference_terms(
+    cfg, teacher_cfg, model, batch, rec, background_column=-1, delta_class=lambda k: k
+):
     """The four Chen et al. terms of one step, recomputed (float64) from ``rec``.
 
     Args:
         background_column: where w_bg goes in the soft CE (detectron2: last).
-        delta_class: None: the ground-truth class's deltas; else a fixed class (to show that the
-            test tells them apart).
+        delta_class: the class whose deltas are compared, from the ground-truth class (the
+            paper: that class itself; another choice shows that the test tells them apart).
     """
     c = cfg.KD.CHEN2017
     mu, T, w_bg = c.HARD_WEIGHT, c.TEMPERATURE, c.BACKGROUND_WEIGHT
@@ -430,7 +432,7 @@ def reference_terms(cfg, teacher_cfg, model, batch, rec, background_column=-1, d
         k = int(classes[j])
         if k == K:  # background: no regression
             continue
-        k = k if delta_class is None else delta_class
+        k = delta_class(k)
         p, y = proposals[j : j + 1], encode(proposals[j : j + 1], gt[j : j + 1], s_w)
         s = deltas[j : j + 1, 4 * k : 4 * k + 4]
         t = encode(p, decode(t_deltas[j : j + 1, 4 * k : 4 * k + 4], p, t_w), s_w)
@@ -544,3 +546,76 @@ def test_terms_take_the_detectors_loss_weights(strong_teacher, tmp_path, batch):
     expected = reference_terms(cfg, teacher_cfg, model, batch, rec)
     assert expected["rcn_bounded_reg"] > 0 and expected["rpn_bounded_reg"] > 0
     assert_terms(losses, expected, ["rpn_soft_cls", "rpn_bounded_reg", "rcn_bounded_reg"])
+
+
+def test_values_by_hand(strong_teacher, tmp_path, batch):
+    """All four terms from the raw outputs: the teacher answers at the student's sampled
+    proposals; the RPN terms are normalised by M = RPN.BATCH_SIZE_PER_IMAGE x images (not by the
+    anchors actually sampled) and the RCN terms by N = the proposals actually sampled (not
+    ROI_HEADS.BATCH_SIZE_PER_IMAGE x images), as detectron2's own losses; w_bg weighs the
+    background column (the last); the bound compares the ground-truth class's deltas."""
+    cfg = build_cfg(
+        KD_CONFIG,
+        [
+            *kd_opts(strong_teacher, tmp_path),
+            # More than there are anchors / proposals: the counts sampled differ from M and N.
+            "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "2048",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512",
+            "KD.CHEN2017.HARD_WEIGHT", "0.3",
+            "KD.CHEN2017.TEMPERATURE", "2.0",
+            "KD.CHEN2017.BACKGROUND_WEIGHT", "3.0",
+            "KD.CHEN2017.BOUND_WEIGHT", "0.7",
+            "KD.CHEN2017.BOUND_MARGIN", "0.05",
+        ],
+    )  # fmt: skip
+    teacher_cfg = build_cfg(strong_teacher[0], [])
+    model = value_model(cfg)
+    asked = []
+    hook = model.teacher.roi_heads.box_pooler.register_forward_pre_hook(
+        lambda m, args: asked.append([b.tensor.clone() for b in args[1]])
+    )
+    losses, rec = record_step(model, batch)
+    hook.remove()
+    # The teacher's box head was asked about exactly the student's sampled proposals.
+    sampled = rec["sampled"]
+    assert len(asked) == 1
+    for a, p in zip(asked[0], sampled):
+        assert torch.equal(a, p.proposal_boxes.tensor)
+    num_anchors_sampled = int((torch.stack(rec["anchor_labels"][0]) >= 0).sum())
+    assert num_anchors_sampled < 2048 * len(batch)
+    assert sum(len(p) for p in sampled) < 512 * len(batch)
+
+    expected = reference_terms(cfg, teacher_cfg, model, batch, rec)
+    assert all(v > 0 for v in expected.values()), expected
+    names = ["rpn_soft_cls", "rpn_bounded_reg", "rcn_soft_cls", "rcn_bounded_reg"]
+    assert_terms(losses, expected, names)
+
+    # The reference tells the alternatives apart: w_bg on the first column, or another class's
+    # deltas, give other values.
+    def differs(name, **alternative):
+        other = reference_terms(cfg, teacher_cfg, model, batch, rec, **alternative)[name]
+        got = losses[f"loss_kd_chen2017_{name}"].item()
+        assert abs(other.item() - got) > 1e-3 * got, alternative
+
+    differs("rcn_soft_cls", background_column=0)
+    differs("rcn_bounded_reg", delta_class=lambda k: (k + 1) % cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+
+
+def test_teacher_asked_at_the_proposals_in_its_own_resolution(tiny_teacher, tmp_path, batch):
+    """A half-resolution student: the teacher's box head gets the student's sampled proposals
+    scaled to its full-size input."""
+    model = build(
+        tiny_teacher,
+        tmp_path,
+        "KD.STUDENT.INPUT_SCALE", "0.5",
+        "KD.CHEN2017.RPN_SOFT_CLS", "False",
+        "KD.CHEN2017.RPN_BOUNDED_REG", "False",
+    ).train()  # fmt: skip
+    asked = []
+    hook = model.teacher.roi_heads.box_pooler.register_forward_pre_hook(
+        lambda m, args: asked.append([b.tensor.clone() for b in args[1]])
+    )
+    _, rec = record_step(model, batch)
+    hook.remove()
+    for a, p in zip(asked[0], rec["sampled"]):
+        torch.testing.assert_close(a, p.proposal_boxes.tensor * 2.0)
