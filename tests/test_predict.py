@@ -174,7 +174,10 @@ def test_class_names_from_the_test_dataset_or_the_option(predict, datasets_root)
     cfg = build_cfg(STUDENT, OPTS)
     assert predict.dataset_metadata(cfg, None).thing_classes == [c["name"] for c in categories]
     names = [f"c{i}" for i in range(len(categories))]
-    assert predict.dataset_metadata(cfg, names).thing_classes == names
+    named = predict.dataset_metadata(cfg, names)
+    assert named.thing_classes == names
+    ids = sorted(c["id"] for c in categories)
+    assert named.thing_dataset_id_to_contiguous_id == {i: k for k, i in enumerate(ids)}
     unregistered = build_cfg(STUDENT, [*OPTS, "DATASETS.TEST", "('nowhere_val',)"])
     assert not hasattr(predict.dataset_metadata(unregistered, None), "thing_classes")
 

@@ -142,18 +142,19 @@ def output_names(images: Sequence[str]) -> List[str]:
 
 
 def dataset_metadata(cfg: CfgNode, class_names: Optional[Sequence[str]]) -> Metadata:
-    """What the pictures are labelled with: ``--class-names``, else the metadata of
-    ``DATASETS.TEST[0]`` when registered (loading its annotations once if the class names
-    come from there, as for folder and ``register_coco_instances`` datasets), else nothing.
+    """What the pictures are labelled with and how classes map to category ids: the metadata
+    of ``DATASETS.TEST[0]`` when registered (its annotations are loaded once if needed, as
+    ``register_coco_instances`` datasets set their metadata on loading), with ``--class-names``
+    in place of its class names when given.
     """
     metadata = Metadata(name="predict")
     name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None
     if name is not None and name in DatasetCatalog.list():
         registered = MetadataCatalog.get(name)
-        if not hasattr(registered, "thing_classes") and class_names is None:
+        if not hasattr(registered, "thing_classes"):
             try:
-                DatasetCatalog.get(name)  # COCO-format datasets set thing_classes on loading
-            except Exception as e:  # the names are a convenience: draw numbers instead
+                DatasetCatalog.get(name)
+            except Exception as e:  # the metadata are a convenience: draw numbers instead
                 print(
                     f"[predict] no class names: dataset '{name}' could not be loaded "
                     f"({type(e).__name__}: {e}); pass --class-names",
