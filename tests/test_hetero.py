@@ -443,6 +443,115 @@ def test_detr_to_rcnn_teacher_answers_ignore_padding(detr_teacher, tmp_path, bat
             torch.testing.assert_close(teacher.boxes[0, i, :n, 0], alone.boxes[-1, i])
 
 
+@pytest.mark.parametrize("class_target", ["foreground", "full"])
+def test_detr_to_rcnn_loss_by_hand(detr_teacher, tmp_path, batch, class_target):
+    """The three terms recomputed (float64) from the student's raw box-predictor outputs at its
+    sampled proposals and the teacher's decoding of each image's proposals alone, with the
+    KD-DETR loss, the class mapping and the box conversions written out here."""
+    from torchvision.ops import generalized_box_iou
+
+    T = 2.0
+    cfg = build_cfg(
+        DETR_TO_RCNN,
+        [
+            *TINY_RCNN_OPTS,
+            *teacher_opts(detr_teacher, tmp_path),
+            "KD.HETERO.RCNN_STUDENT.CLASS_TARGET", class_target,
+            "KD.HETERO.RCNN_STUDENT.TEMPERATURE", str(T),
+            # Every proposal sampled: the images' point counts differ (padding in the batch).
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512",
+        ],
+    )  # fmt: skip
+    h = cfg.KD.HETERO
+    assert h.RCNN_STUDENT.NORMALIZE == "weight_sum" and h.BACKGROUND == "max"
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    roi, rec = model.student.roi_heads, {}
+    hook = roi.box_predictor.register_forward_hook(lambda m, a, out: rec.update(box=out))
+    label = roi.label_and_sample_proposals
+
+    def recorded(*args):
+        rec["sampled"] = label(*args)
+        return rec["sampled"]
+
+    roi.label_and_sample_proposals = recorded
+    try:
+        torch.manual_seed(3)
+        losses = model(batch)
+    finally:
+        hook.remove()
+        del roi.label_and_sample_proposals
+
+    sampled = rec["sampled"]
+    assert len({len(p) for p in sampled}) == 2  # unequal counts
+    scores, deltas = (x.detach().double() for x in rec["box"])
+    K = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    wx, wy, ww, wh = cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS
+    with torch.no_grad():
+        encoded = model.teacher.encode(model.teacher_inputs(batch))
+    kl, l1, giou, weight = [], [], [], []
+    start = 0
+    for i, p in enumerate(sampled):
+        ih, iw = p.image_size
+        size = torch.tensor([iw, ih, iw, ih], dtype=torch.float64)
+        boxes = p.proposal_boxes.tensor.double()
+        n = len(boxes)
+        corners = (boxes / size).clamp(0, 1)
+        points = torch.cat(
+            [(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], 1
+        )
+        with torch.no_grad():
+            alone = model.teacher.decode_groups(
+                encoded, [QueryGroup(points.float()[None].expand(len(batch), -1, -1))]
+            )[0]
+        t_logits, t_boxes = alone.logits[-1, i].double(), alone.boxes[-1, i].double()
+        s_logits = scores[start : start + n]
+        top = t_logits.sigmoid().argmax(1)
+        # The student's box for the teacher's top class: its deltas decoded on the proposal,
+        # clipped to the image, normalised.
+        d = deltas[start : start + n].view(n, K, 4)[torch.arange(n), top]
+        pw, ph = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        cx = boxes[:, 0] + 0.5 * pw + d[:, 0] / wx * pw
+        cy = boxes[:, 1] + 0.5 * ph + d[:, 1] / wy * ph
+        bw, bh = pw * torch.exp(d[:, 2] / ww), ph * torch.exp(d[:, 3] / wh)
+        s_xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+        s_xyxy = (s_xyxy / size).clamp(0, 1)
+        t_xyxy = torch.cat(
+            [t_boxes[:, :2] - t_boxes[:, 2:] / 2, t_boxes[:, :2] + t_boxes[:, 2:] / 2], 1
+        )
+        if class_target == "foreground":
+            # KL over the K object classes: the student's softmax without its background logit.
+            p_t = torch.softmax(t_logits / T, 1)
+            log_p_s = torch.log_softmax(s_logits[:, :K] / T, 1)
+            w = t_logits.sigmoid().max(1).values
+        else:
+            # The teacher's sigmoids as K + 1 classes, background 1 - max_k p_k, the foreground
+            # mass shared in proportion to the sigmoids; at temperature T.
+            sig = t_logits.sigmoid()
+            bg = 1 - sig.max(1, keepdim=True).values
+            q = torch.cat([(1 - bg) * sig / sig.sum(1, keepdim=True), bg], 1)
+            p_t = q ** (1 / T) / (q ** (1 / T)).sum(1, keepdim=True)
+            log_p_s = torch.log_softmax(s_logits / T, 1)
+            w = q[:, :K].max(1).values
+        kl.append((p_t * (p_t.log() - log_p_s)).sum(1) * T**2)
+        s_cxcywh = torch.cat(
+            [(s_xyxy[:, :2] + s_xyxy[:, 2:]) / 2, s_xyxy[:, 2:] - s_xyxy[:, :2]], 1
+        )
+        l1.append((s_cxcywh - t_boxes).abs().sum(1))
+        giou.append(1 - generalized_box_iou(s_xyxy, t_xyxy).diag())
+        weight.append(w)
+        start += n
+    w = torch.cat(weight)
+    expected = {
+        "cls": h.CLS_WEIGHT * (w * torch.cat(kl)).sum() / w.sum(),
+        "l1": h.L1_WEIGHT * (w * torch.cat(l1)).sum() / w.sum(),
+        "giou": h.GIOU_WEIGHT * (w * torch.cat(giou)).sum() / w.sum(),
+    }
+    for term in TERMS:
+        got = losses[f"loss_kd_hetero_{term}"].item()
+        assert got == pytest.approx(expected[term].item(), rel=1e-4, abs=1e-6), term
+
+
 def test_rcnn_to_detr_point_decoding(rcnn_teacher, tmp_path, batch):
     """tools/benchmark_kd.py's hook: the student decodes its point sets and the teacher's box
     head answers at them, as in the KD step (checked against the box head by hand)."""
