@@ -30,6 +30,7 @@ from kd.checkpoint import (  # noqa: E402
     student_state_dict,
 )
 from kd.config import add_kd_config  # noqa: E402
+from kd.weights import atomic_write  # noqa: E402
 
 
 def check_fits(student_cfg, weights: dict) -> None:
@@ -73,10 +74,16 @@ def main() -> None:
     student_cfg = export_student_config(cfg)
     check_fits(student_cfg, student)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    torch.save({"model": student, "__author__": "kd.extract_student"}, args.output)
+    atomic_write(
+        args.output, lambda f: torch.save({"model": student, "__author__": "kd.extract_student"}, f)
+    )
     config_path = os.path.splitext(args.output)[0] + ".yaml"
-    with open(config_path, "w") as f:
-        f.write(student_cfg.dump())
+    # The config names the weights written next to it, so `--eval-only` and tools/predict.py
+    # take the pair without a MODEL.WEIGHTS override.
+    student_cfg.defrost()
+    student_cfg.MODEL.WEIGHTS = os.path.abspath(args.output)
+    student_cfg.freeze()
+    atomic_write(config_path, lambda f: f.write(student_cfg.dump().encode()))
     print(f"wrote {args.output} ({len(student)} tensors; left out: {dropped or 'nothing'})")
     print(f"wrote {config_path} (the student's config)")
 
