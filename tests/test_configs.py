@@ -19,6 +19,13 @@ def test_config_loads(config):
     if cfg.KD.TEACHER.CONFIG_FILE:
         assert os.path.isfile(REPO / cfg.KD.TEACHER.CONFIG_FILE), cfg.KD.TEACHER.CONFIG_FILE
         assert cfg.KD.TEACHER.WEIGHTS, "a KD config names its teacher's weights"
+        from kd.teacher import is_lazy_config
+
+        if is_lazy_config(str(REPO / cfg.KD.TEACHER.CONFIG_FILE)):
+            from detectron2.config import LazyConfig
+
+            assert "model" in LazyConfig.load(str(REPO / cfg.KD.TEACHER.CONFIG_FILE))
+            return
         teacher = build_cfg(cfg.KD.TEACHER.CONFIG_FILE, [])
         assert not teacher.KD.TEACHER.CONFIG_FILE, "a teacher is a plain detector"
 

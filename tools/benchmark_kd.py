@@ -91,18 +91,14 @@ def ensure_teacher_weights(cfg, tmpdir: str) -> Optional[str]:
     Returns:
         The path written, or None when the configured weights exist.
     """
-    from detectron2.modeling import build_model
-
-    from kd.teacher import load_teacher_config
+    from kd.teacher import build_teacher_model
 
     if os.path.isfile(cfg.KD.TEACHER.WEIGHTS):
         return None
-    tcfg = load_teacher_config(cfg).clone()
-    tcfg.defrost()
-    tcfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)
+    teacher, _ = build_teacher_model(cfg)  # yacs or LazyConfig teacher
     path = os.path.join(tmpdir, f"random_teacher_{abs(hash(cfg.KD.TEACHER.CONFIG_FILE))}.pth")
-    torch.save({"model": build_model(tcfg).state_dict()}, path)
+    torch.save({"model": {k: v.cpu() for k, v in teacher.state_dict().items()}}, path)
     cfg.KD.TEACHER.WEIGHTS = path
     return path
 

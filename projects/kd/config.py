@@ -26,12 +26,27 @@ def add_kd_config(cfg: CN) -> None:
 
     # ---------------------------------------------------------------- teacher
     cfg.KD.TEACHER = CN()
-    # The teacher's own detectron2 config (any model the student could be: it is built with it).
+    # The teacher's own detectron2 config: a yacs YAML file, a LazyConfig (.py, or the .yaml that
+    # LazyConfig.save writes; the teacher is instantiate(cfg.model)), or "zoo://<name>", a
+    # detectron2 model-zoo config where detectron2 ships them (configs/coco/zoo/ holds this
+    # project's configs of the zoo architectures its recipes use). See kd/teacher.py.
     cfg.KD.TEACHER.CONFIG_FILE = ""
-    # Trained weights of the teacher (.pth / .pkl). Required: a teacher without weights is refused.
+    # Trained weights of the teacher (.pth / .pkl, a local path or a detectron2:// URL). Required:
+    # a teacher without weights, or whose weights do not fit its architecture, is refused.
     cfg.KD.TEACHER.WEIGHTS = ""
-    # Extra "KEY VALUE" overrides applied to the teacher's config, e.g. ["MODEL.DEVICE", "cpu"].
+    # Overrides applied to the teacher's config: "KEY VALUE" pairs for a yacs config, e.g.
+    # ["INPUT.FORMAT", "RGB"]; "key=value" strings for a LazyConfig, e.g.
+    # ["model.roi_heads.num_classes=7"].
     cfg.KD.TEACHER.OPTS = []
+    # Before the first step, measure the teacher's AP on DATASETS.TEST[0] as it is fed in this run
+    # (this run's test images, in the teacher's channel order), log it as teacher/bbox/* at
+    # iteration 0 and cache it in OUTPUT_DIR/teacher_eval.json (per weights file, config and
+    # dataset, so a resumed run does not measure again). Skipped when DATASETS.TEST is empty.
+    cfg.KD.TEACHER.EVALUATE = True
+    # Stop the run when that AP (COCO box AP, 0-100) is below this. A randomly initialised
+    # detector scores about 0; below 1 AP the teacher is broken (other data or classes, BGR/RGB
+    # or pixel-statistics mix-up, no training), not weak. 0: nothing is refused for its AP.
+    cfg.KD.TEACHER.MIN_AP = 1.0
 
     # ---------------------------------------------------------------- student
     cfg.KD.STUDENT = CN()

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kd import compat
 from kd.checkpoint import KDCheckpointer, load_weights
 from kd.data.validation import validate_test_datasets, validate_test_dicts, validate_train_dicts
+from kd.teacher_eval import TeacherEvalHook
 
 __all__ = [
     "Trainer",
@@ -197,11 +198,20 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
         images_per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
         # Before the checkpointer, so its state is part of every checkpoint.
         ret.insert(1, TrainingStateHook(self._sampler, images_per_rank))
+        # A distiller's teacher's AP (KD.TEACHER.EVALUATE), measured by train() below.
+        self._teacher_eval = TeacherEvalHook()
+        ret.append(self._teacher_eval)
         return ret
 
     def train(self):
         """Train; returns the final evaluation results (detectron2 v0.6 returns them only when
-        ``TEST.EXPECTED_RESULTS`` is set)."""
+        ``TEST.EXPECTED_RESULTS`` is set).
+
+        Raises:
+            kd.teacher.TeacherError: the teacher's AP is below KD.TEACHER.MIN_AP.
+        """
+        # Before any hook runs: a refused teacher leaves no checkpoint or evaluation behind.
+        self._teacher_eval.evaluate(self)
         super().train()
         return getattr(self, "_last_eval_results", None) if comm.is_main_process() else None
 

@@ -3,12 +3,28 @@
 Silent teacher loading is the failure KD toolkits are known for (a teacher whose weights did not
 load still "trains"). Everything here refuses to start, with a message that says what to fix,
 rather than distil from a random network.
+
+A teacher's config (``KD.TEACHER.CONFIG_FILE``) is any of:
+
+* a yacs YAML file, as detectron2's ``train_net.py`` reads (``get_cfg()`` + this project's keys);
+* a detectron2 LazyConfig: a ``.py`` file, or the ``.yaml`` that ``LazyConfig.save`` writes
+  (recognised by its lower-case top-level nodes, ``model``, ``dataloader``, ...). The teacher is
+  ``instantiate(cfg.model)``; ``KD.TEACHER.OPTS`` are then ``key=value`` overrides
+  (``LazyConfig.apply_overrides``);
+* ``zoo://<name>``, a name in detectron2's model zoo (``COCO-Detection/faster_rcnn_R_101_FPN_3x
+  .yaml``), resolved with ``detectron2.model_zoo.get_config_file`` where detectron2 ships its
+  model-zoo configs (the official install does; the pure-Python package does not, and
+  ``configs/coco/zoo/`` holds this project's configs of the zoo architectures the recipes use).
+
+Whatever built it, the teacher is described to the distillers by a :class:`TeacherInfo`, so that
+no distiller reads a config system's keys.
 """
 
 import logging
 import os
 import types
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -17,37 +33,175 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from torch import nn
 
-__all__ = ["TeacherError", "build_teacher", "load_teacher_config", "num_classes_of", "freeze"]
+__all__ = [
+    "TeacherError",
+    "TeacherInfo",
+    "build_teacher",
+    "build_teacher_model",
+    "load_teacher_config",
+    "is_lazy_config",
+    "resolve_config_file",
+    "num_classes_of",
+    "freeze",
+]
 
 logger = logging.getLogger(__name__)
+
+ZOO_PREFIX = "zoo://"
+# This project's configs of the model-zoo architectures the COCO recipes use.
+PROJECT_ZOO_CONFIGS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "configs",
+    "coco",
+    "zoo",
+)
+# The top-level nodes of a detectron2 LazyConfig; a yacs file's keys are upper case.
+_LAZY_NODES = ("model", "dataloader", "train", "optimizer", "lr_multiplier")
 
 
 class TeacherError(ValueError):
     """The teacher cannot be used as configured; the message says how to fix it."""
 
 
-def load_teacher_config(cfg: CfgNode) -> CfgNode:
-    """Read the teacher's own config named by ``KD.TEACHER.CONFIG_FILE``.
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What the distillers and checks need to know about a teacher, from either config system.
+
+    Attributes:
+        config: the teacher's own config: a frozen yacs ``CfgNode`` or a LazyConfig
+            (omegaconf ``DictConfig``), with ``KD.TEACHER.OPTS`` applied.
+        input_format: the channel order the teacher was trained on, "BGR" or "RGB".
+        num_classes: the number of object classes it predicts.
+        train_datasets: the datasets it was trained on, as its config names them (may be empty).
+        config_file: ``KD.TEACHER.CONFIG_FILE`` as resolved (a ``zoo://`` name made a path).
+    """
+
+    config: Any
+    input_format: str
+    num_classes: int
+    train_datasets: Tuple[str, ...]
+    config_file: str
+
+    @property
+    def is_lazy(self) -> bool:
+        return not isinstance(self.config, CfgNode)
+
+
+# ----------------------------------------------------------------------------- config files
+def resolve_config_file(path: str) -> str:
+    """The file ``KD.TEACHER.CONFIG_FILE`` names: a ``zoo://`` name resolved, the file checked.
 
     Args:
-        cfg: the KD config.
+        path: the value of ``KD.TEACHER.CONFIG_FILE``.
 
-    Returns:
-        The teacher's frozen config, on the student's device, with ``KD.TEACHER.OPTS`` applied.
+    Raises:
+        TeacherError: empty, missing, or a ``zoo://`` name this detectron2 cannot resolve.
     """
-    from kd.config import add_kd_config
-
-    path = cfg.KD.TEACHER.CONFIG_FILE
     if not path:
         raise TeacherError(
-            "KD.TEACHER.CONFIG_FILE is empty: set it to the teacher's detectron2 config, e.g. "
-            "KD.TEACHER.CONFIG_FILE configs/kd_shapes/faster_rcnn_teacher.yaml"
+            "KD.TEACHER.CONFIG_FILE is empty: set it to the teacher's detectron2 config (yacs YAML "
+            "or LazyConfig), e.g. KD.TEACHER.CONFIG_FILE configs/kd_shapes/faster_rcnn_teacher.yaml"
         )
+    if path.startswith(ZOO_PREFIX):
+        return _zoo_config_file(path)
     if not os.path.isfile(path):
         raise TeacherError(
             f"KD.TEACHER.CONFIG_FILE '{path}' does not exist (relative paths are taken from the "
             f"current directory, {os.getcwd()}): point it at the teacher's config file"
         )
+    return path
+
+
+def _zoo_config_file(path: str) -> str:
+    name = path[len(ZOO_PREFIX) :]
+    try:
+        from detectron2 import model_zoo
+
+        return model_zoo.get_config_file(name)
+    except (ImportError, RuntimeError):
+        pass
+    copy = os.path.join(PROJECT_ZOO_CONFIGS, os.path.basename(name))
+    if os.path.isfile(copy):
+        hint = (
+            f"this project's config of that architecture is {os.path.relpath(copy)}: set "
+            f"KD.TEACHER.CONFIG_FILE {os.path.relpath(copy)}"
+        )
+    else:
+        hint = (
+            f"this project has no config of it in {os.path.relpath(PROJECT_ZOO_CONFIGS)}: install "
+            "the official detectron2 (its model-zoo configs come with it) or write the teacher's "
+            "config and point KD.TEACHER.CONFIG_FILE at it"
+        )
+    raise TeacherError(
+        f"KD.TEACHER.CONFIG_FILE '{path}': the installed detectron2 has no model-zoo config "
+        f"'{name}' (the pure-Python detectron2 package ships none); {hint}"
+    )
+
+
+def is_lazy_config(path: str) -> bool:
+    """Whether ``path`` is a detectron2 LazyConfig (``.py``, or YAML that ``LazyConfig.save``
+    wrote) rather than a yacs YAML file.
+
+    Args:
+        path: an existing config file.
+    """
+    ext = os.path.splitext(path)[1]
+    if ext == ".py":
+        return True
+    if ext not in (".yaml", ".yml"):
+        return False
+    import yaml
+
+    class _AnyTagLoader(yaml.SafeLoader):
+        """Reads the structure only: yacs files may carry python tags (``!!python/...``)."""
+
+    _AnyTagLoader.add_multi_constructor("", lambda loader, suffix, node: None)
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=_AnyTagLoader)
+    except (OSError, yaml.YAMLError):
+        return False  # the yacs reader reports what is wrong with the file
+    return isinstance(data, dict) and any(node in data for node in _LAZY_NODES)
+
+
+def _load_lazy_config(path: str, overrides: Sequence[str]):
+    from detectron2.config import LazyConfig
+
+    try:
+        lcfg = LazyConfig.load(path)
+    except Exception as e:  # noqa: BLE001 (a config file is code: any error is the user's)
+        raise TeacherError(
+            f"KD.TEACHER.CONFIG_FILE '{path}' (a LazyConfig) cannot be loaded: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+    if "model" not in lcfg:
+        raise TeacherError(
+            f"KD.TEACHER.CONFIG_FILE '{path}' is a LazyConfig without a 'model' node (it has "
+            f"{', '.join(sorted(lcfg.keys())) or 'none'}): the teacher is instantiate(cfg.model), "
+            "so the file must define model = L(<detector class>)(...)"
+        )
+    not_key_value = [o for o in overrides if "=" not in str(o)]
+    if not_key_value:
+        raise TeacherError(
+            f"KD.TEACHER.OPTS of a LazyConfig teacher are key=value overrides "
+            f"(LazyConfig.apply_overrides), e.g. model.roi_heads.num_classes=7; got "
+            f"{list(overrides)}"
+        )
+    try:
+        return LazyConfig.apply_overrides(lcfg, list(overrides))
+    except Exception as e:  # noqa: BLE001 (hydra's parser and omegaconf raise several types)
+        raise TeacherError(
+            f"KD.TEACHER.OPTS {list(overrides)} cannot be applied to the LazyConfig '{path}': "
+            f"{type(e).__name__}: {e}"
+        ) from None
+
+
+def _load_config(cfg: CfgNode) -> "tuple[str, Any]":
+    from kd.config import add_kd_config
+
+    path = resolve_config_file(cfg.KD.TEACHER.CONFIG_FILE)
+    if is_lazy_config(path):
+        return path, _load_lazy_config(path, cfg.KD.TEACHER.OPTS)
     tcfg = get_cfg()
     add_kd_config(tcfg)
     tcfg.merge_from_file(path)
@@ -56,7 +210,20 @@ def load_teacher_config(cfg: CfgNode) -> CfgNode:
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     tcfg.MODEL.WEIGHTS = cfg.KD.TEACHER.WEIGHTS
     tcfg.freeze()
-    return tcfg
+    return path, tcfg
+
+
+def load_teacher_config(cfg: CfgNode):
+    """Read the teacher's own config named by ``KD.TEACHER.CONFIG_FILE``.
+
+    Args:
+        cfg: the KD config.
+
+    Returns:
+        The teacher's config with ``KD.TEACHER.OPTS`` applied: a frozen yacs ``CfgNode`` on the
+        student's device, or a LazyConfig ``DictConfig``.
+    """
+    return _load_config(cfg)[1]
 
 
 def num_classes_of(cfg: CfgNode, meta_arch: Optional[str] = None) -> int:
@@ -76,37 +243,101 @@ def num_classes_of(cfg: CfgNode, meta_arch: Optional[str] = None) -> int:
     return cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
-def _thing_classes(cfg: CfgNode) -> Optional[list]:
-    names = list(cfg.DATASETS.TRAIN)
-    if not names:
+def _module_num_classes(model: nn.Module) -> Optional[int]:
+    """The class count a built detector predicts (R-CNNs in their ROI heads, dense detectors and
+    DETRs on the model)."""
+    roi_heads = getattr(model, "roi_heads", None)
+    if roi_heads is not None and isinstance(getattr(roi_heads, "num_classes", None), int):
+        return roi_heads.num_classes
+    n = getattr(model, "num_classes", None)
+    return n if isinstance(n, int) else None
+
+
+def _lazy_select(lcfg, key: str):
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.select(lcfg, key, default=None)
+    except Exception:  # noqa: BLE001 (an interpolation that does not resolve: treat as unset)
+        return None
+
+
+def _lazy_info(lcfg, model: nn.Module, path: str) -> TeacherInfo:
+    # The data loader's image_format is what the weights were trained on: detectron2's own
+    # LazyConfigs switch to RGB there (ViTDet, MViTv2, torchvision-initialised models) and often
+    # leave model.input_format at its "BGR" default, which only visualisation reads.
+    input_format = (
+        _lazy_select(lcfg, "dataloader.train.mapper.image_format")
+        or _lazy_select(lcfg, "dataloader.test.mapper.image_format")
+        or getattr(model, "input_format", None)
+    )
+    if input_format not in ("BGR", "RGB"):
+        raise TeacherError(
+            f"KD.TEACHER.CONFIG_FILE '{path}': cannot tell the channel order the teacher was "
+            f"trained on (got {input_format!r}): set dataloader.train.mapper.image_format (or "
+            'model.input_format) to "BGR" or "RGB", e.g. with KD.TEACHER.OPTS '
+            "['dataloader.train.mapper.image_format=RGB']"
+        )
+    num_classes = _module_num_classes(model)
+    if num_classes is None:
+        raise TeacherError(
+            f"KD.TEACHER.CONFIG_FILE '{path}' builds a {type(model).__name__}, whose number of "
+            "classes cannot be read (roi_heads.num_classes or num_classes): the distillers take "
+            "detectron2's GeneralizedRCNN, RetinaNet, FCOS and this project's DETR"
+        )
+    names = _lazy_select(lcfg, "dataloader.train.dataset.names")
+    if isinstance(names, str):
+        names = [names]
+    return TeacherInfo(
+        config=lcfg,
+        input_format=str(input_format),
+        num_classes=num_classes,
+        train_datasets=tuple(str(n) for n in names or ()),
+        config_file=path,
+    )
+
+
+def _yacs_info(tcfg: CfgNode, path: str) -> TeacherInfo:
+    return TeacherInfo(
+        config=tcfg,
+        input_format=tcfg.INPUT.FORMAT,
+        num_classes=num_classes_of(tcfg),
+        train_datasets=tuple(tcfg.DATASETS.TRAIN),
+        config_file=path,
+    )
+
+
+# ----------------------------------------------------------------------------- checks
+def _thing_classes(datasets: Sequence[str]) -> Optional[list]:
+    if not datasets:
         return None
     try:
-        return list(MetadataCatalog.get(names[0]).thing_classes)
+        return list(MetadataCatalog.get(datasets[0]).thing_classes)
     except AttributeError:  # dataset registered without class names yet
         return None
 
 
-def check_class_agreement(cfg: CfgNode, teacher_cfg: CfgNode, student_arch: str) -> None:
+def check_class_agreement(cfg: CfgNode, teacher: TeacherInfo, student_arch: str) -> None:
     """Refuse a teacher whose classes differ from the student's.
 
     Args:
         cfg: the KD config (describes the student).
-        teacher_cfg: the teacher's config.
+        teacher: the teacher's description.
         student_arch: the student's meta-architecture.
     """
     n_s = num_classes_of(cfg, student_arch)
-    n_t = num_classes_of(teacher_cfg)
+    n_t = teacher.num_classes
     if n_s != n_t:
         raise TeacherError(
             f"class-count mismatch: the teacher ({cfg.KD.TEACHER.CONFIG_FILE}) predicts {n_t} "
             f"classes, the student {n_s}. Distillation compares class scores one to one: train "
             "the teacher on the student's classes, or set the student's NUM_CLASSES to match"
         )
-    c_s, c_t = _thing_classes(cfg), _thing_classes(teacher_cfg)
+    c_s, c_t = _thing_classes(list(cfg.DATASETS.TRAIN)), _thing_classes(teacher.train_datasets)
     if c_s is not None and c_t is not None and c_s != c_t:
         raise TeacherError(
             f"class mismatch: the teacher was configured with dataset "
-            f"{teacher_cfg.DATASETS.TRAIN[0]} (classes {c_t}) and the student with "
+            f"{teacher.train_datasets[0]} (classes {c_t}) and the student with "
             f"{cfg.DATASETS.TRAIN[0]} (classes {c_s}). Class scores are compared index by index, "
             "so both must use the same classes in the same order"
         )
@@ -121,9 +352,17 @@ def _load_verified(model: nn.Module, path: str, what: str) -> None:
             "Train the teacher first (python train_net.py --config-file <teacher config>) and set "
             "KD.TEACHER.WEIGHTS to its model_final.pth"
         )
-    local = (
-        DetectionCheckpointer(model).path_manager.get_local_path(path) if "://" in path else path
-    )
+    local = path
+    if "://" in path:
+        try:
+            local = DetectionCheckpointer(model).path_manager.get_local_path(path)
+        except Exception as e:  # noqa: BLE001 (iopath's handlers raise many types offline)
+            raise TeacherError(
+                f"KD.TEACHER.WEIGHTS '{path}' cannot be fetched ({type(e).__name__}: {e}). "
+                "Download it where the internet is reachable (detectron2:// names are "
+                "https://dl.fbaipublicfiles.com/detectron2/...) and set KD.TEACHER.WEIGHTS to the "
+                "local file"
+            ) from None
     if not os.path.isfile(local):
         raise TeacherError(
             f"KD.TEACHER.WEIGHTS '{path}' does not exist: train the teacher first "
@@ -160,7 +399,48 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_teacher(cfg: CfgNode, student_arch: str) -> "tuple[nn.Module, CfgNode]":
+# ----------------------------------------------------------------------------- building
+def _instantiate(lcfg, path: str, device: str) -> nn.Module:
+    from detectron2.config import instantiate
+
+    try:
+        model = instantiate(lcfg.model)
+    except Exception as e:  # noqa: BLE001 (the config's constructors raise anything)
+        raise TeacherError(
+            f"KD.TEACHER.CONFIG_FILE '{path}': instantiate(cfg.model) failed: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise TeacherError(
+            f"KD.TEACHER.CONFIG_FILE '{path}': instantiate(cfg.model) gave a "
+            f"{type(model).__name__}, not a model: cfg.model must be L(<detector class>)(...)"
+        )
+    return model.to(torch.device(device))
+
+
+def _build(cfg: CfgNode, tcfg, path: str) -> nn.Module:
+    with torch.random.fork_rng():
+        # Building the teacher must not shift the RNG stream the student is initialised from:
+        # the same seed gives the same student with or without distillation.
+        if isinstance(tcfg, CfgNode):
+            return build_model(tcfg)
+        return _instantiate(tcfg, path, cfg.MODEL.DEVICE)
+
+
+def build_teacher_model(cfg: CfgNode) -> "tuple[nn.Module, TeacherInfo]":
+    """The teacher's architecture, built on ``cfg.MODEL.DEVICE`` but not loaded or frozen (for
+    tools that need a teacher of the right shape, e.g. a random one to time).
+
+    Args:
+        cfg: the KD config.
+    """
+    path, tcfg = _load_config(cfg)
+    model = _build(cfg, tcfg, path)
+    info = _yacs_info(tcfg, path) if isinstance(tcfg, CfgNode) else _lazy_info(tcfg, model, path)
+    return model, info
+
+
+def build_teacher(cfg: CfgNode, student_arch: str) -> "tuple[nn.Module, TeacherInfo]":
     """Build, load and verify the frozen teacher named by ``cfg.KD.TEACHER``.
 
     Args:
@@ -168,16 +448,24 @@ def build_teacher(cfg: CfgNode, student_arch: str) -> "tuple[nn.Module, CfgNode]
         student_arch: the student's meta-architecture (to compare class counts).
 
     Returns:
-        (teacher, teacher_cfg): the frozen teacher on ``cfg.MODEL.DEVICE`` and its config.
+        (teacher, info): the frozen teacher on ``cfg.MODEL.DEVICE`` and its description.
     """
-    teacher_cfg = load_teacher_config(cfg)
-    check_class_agreement(cfg, teacher_cfg, student_arch)
-    with torch.random.fork_rng():
-        # Building the teacher must not shift the RNG stream the student is initialised from:
-        # the same seed gives the same student with or without distillation.
-        teacher = build_model(teacher_cfg)
+    path, tcfg = _load_config(cfg)
+    if isinstance(tcfg, CfgNode):
+        # A yacs config says its classes before anything is built: refuse early.
+        info = _yacs_info(tcfg, path)
+        check_class_agreement(cfg, info, student_arch)
+        teacher = _build(cfg, tcfg, path)
+    else:
+        teacher = _build(cfg, tcfg, path)
+        info = _lazy_info(tcfg, teacher, path)
+        check_class_agreement(cfg, info, student_arch)
     _load_verified(teacher, cfg.KD.TEACHER.WEIGHTS, "teacher")
     logger.info(
-        "Teacher %s loaded from %s", teacher_cfg.MODEL.META_ARCHITECTURE, cfg.KD.TEACHER.WEIGHTS
+        "Teacher %s loaded from %s (config %s, %s input)",
+        type(teacher).__name__,
+        cfg.KD.TEACHER.WEIGHTS,
+        path,
+        info.input_format,
     )
-    return freeze(teacher), teacher_cfg
+    return freeze(teacher), info

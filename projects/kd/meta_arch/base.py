@@ -10,7 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList, Instances
 from torch import nn
 
-from kd.teacher import build_teacher
+from kd.teacher import TeacherInfo, build_teacher
 
 __all__ = ["Distiller", "student_config"]
 
@@ -71,29 +71,34 @@ class Distiller(nn.Module):
         self.student_input_scale = student_input_scale
 
     @classmethod
-    def build_pair(cls, cfg: CfgNode) -> "tuple[dict, CfgNode]":
+    def build_pair(cls, cfg: CfgNode) -> "tuple[dict, TeacherInfo]":
         """Build the student and the teacher of a KD config.
+
+        The teacher may come from a yacs or a LazyConfig file: what the distillers need of it
+        (input format, classes) is in its :class:`~kd.teacher.TeacherInfo`, the rest they read
+        from the built modules, never from the teacher's config keys.
 
         Args:
             cfg: the KD config.
 
         Returns:
-            (kwargs, teacher_cfg): this class's ``__init__`` arguments and the teacher's config.
+            (kwargs, teacher_info): this class's ``__init__`` arguments and the teacher's
+            description.
         """
         scfg = student_config(cfg)
         # The student is built first, so that a seed gives the same initial student with or
         # without distillation.
         student = META_ARCH_REGISTRY.get(scfg.MODEL.META_ARCHITECTURE)(scfg)
         student.to(torch.device(cfg.MODEL.DEVICE))
-        teacher, tcfg = build_teacher(cfg, scfg.MODEL.META_ARCHITECTURE)
+        teacher, info = build_teacher(cfg, scfg.MODEL.META_ARCHITECTURE)
         kwargs = {
             "student": student,
             "teacher": teacher,
-            "teacher_input_format": tcfg.INPUT.FORMAT,
+            "teacher_input_format": info.input_format,
             "student_input_format": cfg.INPUT.FORMAT,
             "student_input_scale": cfg.KD.STUDENT.INPUT_SCALE,
         }
-        return kwargs, tcfg
+        return kwargs, info
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)

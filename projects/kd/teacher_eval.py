@@ -1,0 +1,213 @@
+"""The teacher's AP before the first step: measured, logged, cached, and gated.
+
+A teacher whose weights load can still answer badly: trained on other data or classes, fed BGR
+when it learnt RGB, normalised with another pixel mean/std. Such a teacher distils noise, and
+nothing in the losses says so. Before a KD run trains, :class:`TeacherEvalHook` runs the teacher
+alone over ``DATASETS.TEST[0]`` exactly as the distiller feeds it (this run's test images, in the
+teacher's channel order, at full resolution), with detectron2's COCO evaluation; logs its AP as
+``teacher/bbox/*`` at the run's first iteration (``metrics.json``, TensorBoard) and in the log;
+and stops the run when the AP is below ``KD.TEACHER.MIN_AP``.
+
+The result is cached in ``OUTPUT_DIR/teacher_eval.json``, keyed by the weights file (path, size,
+modification time), the teacher's config and overrides, the dataset and this run's test input
+settings, so a resumed run reads it instead of evaluating again.
+"""
+
+import json
+import logging
+import os
+import random
+from contextlib import contextmanager
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from detectron2.engine import HookBase
+from detectron2.evaluation import inference_on_dataset
+from detectron2.evaluation.testing import flatten_results_dict
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kd.teacher import TeacherError
+from kd.weights import atomic_write
+
+__all__ = ["TeacherEvalHook", "CACHE_FILE"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_FILE = "teacher_eval.json"
+
+
+class _TeacherAsDistilled(nn.Module):
+    """The distiller's frozen teacher, fed each batch as the distiller feeds it in training."""
+
+    def __init__(self, distiller: nn.Module):
+        super().__init__()
+        # Not a submodule: inference_on_dataset's eval()/train() toggling must not reach the
+        # student (the teacher is eval-locked anyway).
+        object.__setattr__(self, "distiller", distiller)
+
+    def forward(self, batched_inputs):
+        return self.distiller.teacher(self.distiller.teacher_inputs(batched_inputs))
+
+
+@contextmanager
+def _rng_kept():
+    # Creating the test loader's iterator draws a seed from the global torch RNG: without this, a
+    # run with the teacher evaluated would train on other random numbers than one without.
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        yield
+    random.setstate(py)
+    np.random.set_state(np_state)
+
+
+def _cache_key(cfg, dataset: str) -> Dict[str, Any]:
+    t = cfg.KD.TEACHER
+    weights = PathManager.get_local_path(t.WEIGHTS) if "://" in t.WEIGHTS else t.WEIGHTS
+    st = os.stat(weights)
+    config = t.CONFIG_FILE
+    config_mtime = os.stat(config).st_mtime_ns if os.path.isfile(config) else None
+    return {
+        "weights": os.path.abspath(weights),
+        "weights_size": st.st_size,
+        "weights_mtime_ns": st.st_mtime_ns,
+        "config_file": os.path.abspath(config) if config_mtime is not None else config,
+        "config_mtime_ns": config_mtime,
+        "opts": [str(o) for o in t.OPTS],
+        "dataset": dataset,
+        "input": {
+            "format": cfg.INPUT.FORMAT,
+            "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+            "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+        },
+    }
+
+
+def _read_cache(path: str, key: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("key") == key:
+            return entry.get("results")
+    return None
+
+
+def _write_cache(path: str, key: Dict[str, Any], results: Dict[str, Any]) -> None:
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        entries = [e for e in entries if isinstance(e, dict) and e.get("key") != key]
+    except (OSError, ValueError, TypeError):
+        entries = []
+    entries.append({"key": key, "results": results})
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(entries, indent=1).encode()))
+
+
+def _plain(results) -> Dict[str, Dict[str, float]]:
+    return {task: {k: float(v) for k, v in res.items()} for task, res in results.items()}
+
+
+class TeacherEvalHook(HookBase):
+    """Measures (or reads back) a distiller's teacher's AP before training and gates on it.
+
+    :meth:`evaluate` runs from ``Trainer.train`` before any hook, so that a refused teacher stops
+    the run before a hook has done anything (detectron2 calls every hook's ``after_train`` even
+    when training fails, which would save a checkpoint of the untrained student);
+    :meth:`before_train` puts the result into the run's ``EventStorage``.
+    """
+
+    def __init__(self):
+        self._results: Optional[Dict[str, Dict[str, float]]] = None
+
+    def evaluate(self, trainer) -> Optional[Dict[str, Dict[str, float]]]:
+        """Measure or read back the teacher's AP, log it, and refuse a teacher below MIN_AP.
+
+        Args:
+            trainer: the :class:`kd.engine.Trainer` about to train; its ``build_test_loader``
+                and ``build_evaluator`` are used.
+
+        Returns:
+            The evaluation results (``{"bbox": {"AP": ..}}``), or None when not evaluated.
+
+        Raises:
+            TeacherError: the teacher's AP is below ``KD.TEACHER.MIN_AP``.
+        """
+        from kd.meta_arch.base import Distiller
+
+        cfg = trainer.cfg
+        model = trainer.model
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        if not isinstance(model, Distiller) or not cfg.KD.TEACHER.EVALUATE:
+            return None
+        if not cfg.DATASETS.TEST:
+            logger.info("Teacher AP not measured: DATASETS.TEST is empty")
+            return None
+        dataset = cfg.DATASETS.TEST[0]
+        key = _cache_key(cfg, dataset)
+        cache = os.path.join(cfg.OUTPUT_DIR, CACHE_FILE)
+        # Every process takes the main process's answer, so all of them evaluate or none does,
+        # and all stop together.
+        cached = comm.all_gather(_read_cache(cache, key) if comm.is_main_process() else None)[0]
+        if cached is None:
+            logger.info(
+                "Evaluating the teacher (%s) on %s before training", cfg.KD.TEACHER.WEIGHTS, dataset
+            )
+            with _rng_kept():
+                results = inference_on_dataset(
+                    _TeacherAsDistilled(model),
+                    trainer.build_test_loader(cfg, dataset),
+                    trainer.build_evaluator(
+                        cfg, dataset, os.path.join(cfg.OUTPUT_DIR, "inference", "teacher", dataset)
+                    ),
+                )
+            results = comm.all_gather(_plain(results) if comm.is_main_process() else None)[0]
+            if comm.is_main_process():
+                _write_cache(cache, key, results)
+        else:
+            results = cached
+        box = results.get("bbox", {})
+        logger.info(
+            "Teacher AP on %s%s: %s",
+            dataset,
+            f" (cached in {cache})" if cached is not None else "",
+            ", ".join(f"{k} {box[k]:.2f}" for k in ("AP", "AP50", "AP75") if k in box) or "none",
+        )
+        self._results = results
+        self._gate(cfg, dataset, box.get("AP"))
+        return results
+
+    @staticmethod
+    def _gate(cfg, dataset: str, ap: Optional[float]) -> None:
+        min_ap = cfg.KD.TEACHER.MIN_AP
+        if ap is None or min_ap <= 0:
+            return
+        if np.isnan(ap):
+            logger.warning("The teacher's AP on %s is undefined (no ground truth?)", dataset)
+            return
+        if ap < min_ap:
+            raise TeacherError(
+                f"the teacher's box AP on {dataset} is {ap:.2f}, below KD.TEACHER.MIN_AP "
+                f"{min_ap:g}: distilling from it would teach noise. Likely causes: it was "
+                f"trained on other data, or other classes or class order, than {dataset}; its "
+                "input format is wrong (it is fed in its config's INPUT.FORMAT, or a "
+                "LazyConfig's dataloader.train.mapper.image_format: BGR and RGB swapped?); its "
+                "pixel mean/std (MODEL.PIXEL_MEAN/PIXEL_STD, model.pixel_mean/std) are not the "
+                "ones it was trained with; or it is barely trained. Check it alone with "
+                "train_net.py --eval-only on its own config and weights; KD.TEACHER.MIN_AP 0 "
+                "distils from it anyway"
+            )
+
+    def before_train(self) -> None:
+        if self._results:
+            flat = flatten_results_dict(self._results)
+            self.trainer.storage.put_scalars(
+                **{f"teacher/{k}": v for k, v in flat.items()}, smoothing_hint=False
+            )
