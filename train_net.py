@@ -6,11 +6,14 @@
 
 Plain configs (teachers, baseline students) and KD configs (``MODEL.META_ARCHITECTURE`` a
 distiller) go through the same code. Without CUDA, ``--num-gpus N`` starts N CPU processes.
+Started by ``torchrun``, ``srun`` or with ``MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK`` set, it
+joins the processes the launcher started instead (:mod:`kd.launch`). Whatever stops a run is one
+line on stderr and a non-zero exit status; tracebacks go to ``OUTPUT_DIR/log.txt``.
 """
 
 import json
-import logging
 import os
+import sys
 
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup
@@ -19,28 +22,37 @@ from detectron2.utils import comm
 
 import kd  # noqa: F401  (registers the distillers, the DETR family and the datasets)
 from kd.checkpoint import KDCheckpointer, load_weights
-from kd.compat import launch
-from kd.config import add_kd_config
+from kd.config import add_kd_config, merge_config
 from kd.data import validate_datasets
 from kd.engine import Trainer
+from kd.launch import launch, setup_logging
 
-logger = logging.getLogger("kd")
 
-
-def setup(args) -> CfgNode:
+def load_config(args) -> CfgNode:
     """The frozen config of a run: defaults, KD keys, the config file, then command-line overrides.
 
     Args:
         args: parsed ``default_argument_parser`` arguments.
+
+    Raises:
+        kd.config.ConfigError: a missing file, an unknown key, a value of the wrong type.
     """
-    if not os.path.isfile(args.config_file):
-        raise SystemExit(f"--config-file '{args.config_file}' does not exist")
     cfg = get_cfg()
     add_kd_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     cfg.freeze()
+    return cfg
+
+
+def setup(args) -> CfgNode:
+    """The run's config, with detectron2's and the ``kd`` package's logging set up.
+
+    Args:
+        args: parsed ``default_argument_parser`` arguments.
+    """
+    cfg = load_config(args)
     default_setup(cfg, args)
+    setup_logging(cfg.OUTPUT_DIR)
     validate_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     return cfg
 
@@ -77,28 +89,9 @@ def main(args):
     return res
 
 
-def _main_guarded(args):
-    # Bad input (a wrong teacher, an unregistered dataset, ...) ends the run with its message,
-    # not a traceback.
-    from kd.teacher import TeacherError
-
-    try:
-        return main(args)
-    except (TeacherError, FileNotFoundError, KeyError, ValueError) as e:
-        if isinstance(e, KeyError) and "is not registered" not in str(e):
-            raise
-        logger.error("%s", e)
-        raise SystemExit(f"error: {e}") from None
-
-
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        _main_guarded,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    # The config is read once before any process starts: a mistake in it is one line, not one
+    # per process.
+    sys.exit(launch(main, args, check=load_config))

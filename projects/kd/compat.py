@@ -26,7 +26,6 @@ import collections.abc
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import logging
 import sys
 import types
 from typing import Any, Callable, Iterable, List, Optional, Sequence
@@ -39,6 +38,7 @@ __all__ = [
     "install_fast_coco_eval",
     "build_coco_evaluator",
     "launch",
+    "create_local_process_group",
     "TrainerStateMixin",
 ]
 
@@ -329,7 +329,7 @@ def launch(
 
     With CUDA this is ``detectron2.engine.launch``. Without it, ``num_gpus_per_machine`` CPU
     processes are started per machine and joined over gloo, with the same rank layout and local
-    process group as the GPU launcher.
+    process group as the GPU launcher (one process per machine is the calling one).
 
     Args:
         main_func: called in every process with ``*args``.
@@ -356,6 +356,9 @@ def launch(
         if num_machines != 1:
             raise ValueError("dist_url=auto is not supported in multi-machine jobs")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    if num_gpus_per_machine == 1:  # one process per machine: this one, no child to start
+        _cpu_worker(0, main_func, world_size, 1, machine_rank, dist_url, args)
+        return
     mp.start_processes(
         _cpu_worker,
         nprocs=num_gpus_per_machine,
@@ -383,13 +386,11 @@ def _cpu_worker(
         dist.init_process_group(
             "gloo", init_method=dist_url, world_size=world_size, rank=global_rank
         )
-    except Exception:
-        logging.getLogger(__name__).error("Process group URL: %s", dist_url)
-        raise
-    for i in range(world_size // num_per_machine):
-        group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
-        if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
+    except Exception as e:
+        raise RuntimeError(
+            f"rank {global_rank} of {world_size} cannot join the process group at {dist_url}: {e}"
+        ) from e
+    create_local_process_group(num_per_machine)
     comm.synchronize()
     try:
         main_func(*args)

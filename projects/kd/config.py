@@ -3,7 +3,13 @@
 A KD config is a student config (``MODEL.*`` describes the student) whose
 ``MODEL.META_ARCHITECTURE`` names a distiller; the student's own meta-architecture moves to
 ``KD.STUDENT.META_ARCHITECTURE`` and the teacher comes from its own config file and weights.
+:func:`merge_config` reads a config file and overrides into such a config, with one-line errors.
 """
+
+import difflib
+import os
+import re
+from typing import List, Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 
@@ -351,3 +357,134 @@ def _add_fcos_keys(cfg: CN) -> None:
     _f.TEST_SCORE_THRESH = 0.2
     _f.TOPK_CANDIDATES_TEST = 1000
     _f.NMS_THRESH_TEST = 0.6
+
+
+# ----------------------------------------------------------------------------- reading configs
+
+
+class ConfigError(ValueError):
+    """A config cannot be built as given; the message names the key, where it came from and a
+    fix."""
+
+
+def merge_config(
+    cfg: CN,
+    config_file: str,
+    opts: Sequence[str] = (),
+    *,
+    file_option: str = "--config-file",
+    opts_origin: str = "the command line",
+) -> None:
+    """``cfg.merge_from_file(config_file)`` then ``cfg.merge_from_list(opts)``, with yacs' errors
+    (an unknown key, a value of the wrong type, an odd number of overrides, a file that is missing
+    or not YAML) turned into one :class:`ConfigError` line that says where the mistake is and, for
+    an unknown key, which existing keys are closest.
+
+    Args:
+        cfg: a config holding every key the file may set (``get_cfg()`` + ``add_kd_config``).
+        config_file: the YAML file (its ``_BASE_`` files are read too).
+        opts: ``KEY VALUE`` overrides.
+        file_option, opts_origin: how the user gave the file and the overrides, for messages.
+    """
+    import yaml
+
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"{file_option} '{config_file}' does not exist")
+    try:
+        cfg.merge_from_file(config_file)
+    except KeyError as e:  # yacs: "Non-existent config key: A.B.C"
+        key = _unknown_key(e)
+        if key is None:
+            raise ConfigError(f"{config_file}: {_message(e)}") from None
+        where = _file_setting(config_file, key) or config_file
+        raise ConfigError(_unknown_key_message(cfg, key, f"in {where}")) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{config_file} is not valid YAML: {_message(e)}") from None
+    except (ValueError, AssertionError, OSError) as e:
+        raise ConfigError(f"{config_file}: {_type_message(e)}") from None
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError(
+            f"the overrides on {opts_origin} must be KEY VALUE pairs, got {len(opts)} words "
+            f"(the last, '{opts[-1]}', has no value)"
+        )
+    for key, value in zip(opts[0::2], opts[1::2]):
+        try:
+            cfg.merge_from_list([key, value])
+        except (KeyError, AssertionError) as e:  # yacs: "Non-existent key: A.B.C"
+            if _unknown_key(e) is None:
+                raise ConfigError(f"{key} on {opts_origin}: {_message(e)}") from None
+            raise ConfigError(_unknown_key_message(cfg, key, f"on {opts_origin}")) from None
+        except ValueError as e:
+            raise ConfigError(f"{key} {value} on {opts_origin}: {_type_message(e)}") from None
+
+
+def _message(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _type_message(e: BaseException) -> str:
+    # yacs: "Type mismatch (<class 'float'> vs. <class 'str'>) with values (0.01 vs. abc) for
+    # config key: SOLVER.BASE_LR"
+    m = re.match(
+        r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \((.*) vs\. (.*)\) "
+        r"for config key: (\S+)",
+        _message(e),
+    )
+    if not m:
+        return _message(e)
+    want, got, default, value, key = m.groups()
+    return f"{key} takes a {want} (now {default}), not the {got} {value}"
+
+
+def _unknown_key(e: BaseException) -> Optional[str]:
+    m = re.match(r"Non-existent (?:config )?key: (\S+)", _message(e))
+    return m.group(1) if m else None
+
+
+def _all_keys(cfg: CN, prefix: str = "") -> List[str]:
+    keys = []
+    for k, v in cfg.items():
+        keys.append(prefix + k)
+        if isinstance(v, CN):
+            keys.extend(_all_keys(v, f"{prefix}{k}."))
+    return keys
+
+
+def _unknown_key_message(cfg: CN, key: str, where: str) -> str:
+    depth = key.count(".")
+    same_depth = [k for k in _all_keys(cfg) if k.count(".") == depth]
+    close = difflib.get_close_matches(key, same_depth, n=3, cutoff=0.8)
+    hint = (
+        f"did you mean {' or '.join(close)}?"
+        if close
+        else "no existing key is close: the keys are detectron2's (detectron2/config/defaults.py) "
+        "and this project's (projects/kd/config.py)"
+    )
+    return f"unknown config key {key} {where}: {hint}"
+
+
+def _file_setting(config_file: str, key: str) -> Optional[str]:
+    """The file of ``config_file``'s ``_BASE_`` chain (itself first) that sets ``key``."""
+    import yaml
+
+    try:
+        with open(config_file) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            break
+        node = node[part]
+    else:
+        return config_file
+    base = data.get("_BASE_") if isinstance(data, dict) else None
+    if isinstance(base, str):
+        base = os.path.expanduser(base)
+        if not base.startswith(("/", "https://", "http://")):
+            base = os.path.join(os.path.dirname(config_file), base)
+        return _file_setting(base, key)
+    return None

@@ -8,12 +8,18 @@
 * pretrained weights (``MODEL.WEIGHTS``: a detectron2 checkpoint or an ImageNet ``.pkl``) loaded
   into the *student* of a distiller (:func:`kd.checkpoint.load_weights`), checkpoints written
   atomically and resumed from the newest one that loads (:class:`kd.weights.KDCheckpointer`);
-* DDP without CUDA (gloo), and COCO evaluation that works without the compiled extension.
+* DDP without CUDA (gloo), and COCO evaluation that works without the compiled extension;
+* the same buffers (BatchNorm statistics) on every rank wherever the model is saved or evaluated
+  (:class:`EqualBuffersHook`);
+* a diverging loss stops with what to try (:class:`TrainingDivergedError`), and whatever else
+  stops the loop says at which iteration (``kd_iteration``, read by :mod:`kd.launch`).
 """
 
 import itertools
 import logging
+import os
 import random
+import re
 import weakref
 from typing import Any, Dict, Iterator, Optional
 
@@ -42,6 +48,9 @@ from kd.teacher_eval import TeacherEvalHook
 
 __all__ = [
     "Trainer",
+    "TrainingDivergedError",
+    "EqualBuffersHook",
+    "equalize_buffers",
     "ResumableTrainingSampler",
     "TrainingStateHook",
     "build_optimizer",
@@ -198,6 +207,19 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
         images_per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
         # Before the checkpointer, so its state is part of every checkpoint.
         ret.insert(1, TrainingStateHook(self._sampler, images_per_rank))
+        # Right before the checkpointer (rank 0 only) and the evaluation: what is saved and what
+        # is evaluated are the same buffers on every rank.
+        users = [
+            i
+            for i, h in enumerate(ret)
+            if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))
+        ]
+        ret.insert(
+            users[0] if users else len(ret),
+            EqualBuffersHook(
+                self.model, self.cfg.SOLVER.CHECKPOINT_PERIOD, self.cfg.TEST.EVAL_PERIOD
+            ),
+        )
         # A distiller's teacher's AP (KD.TEACHER.EVALUATE), measured by train() below.
         self._teacher_eval = TeacherEvalHook()
         ret.append(self._teacher_eval)
@@ -208,12 +230,66 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
         ``TEST.EXPECTED_RESULTS`` is set).
 
         Raises:
+            TrainingDivergedError: the loss became infinite or NaN.
+            Exception: anything else the loop raised, with ``kd_iteration`` set to the
+                iteration it stopped at (its traceback is in the log already).
             kd.teacher.TeacherError: the teacher's AP is below KD.TEACHER.MIN_AP.
         """
         # Before any hook runs: a refused teacher leaves no checkpoint or evaluation behind.
         self._teacher_eval.evaluate(self)
-        super().train()
+        try:
+            super().train()
+        except FloatingPointError as e:  # detectron2's checks of the losses and the proposals
+            raise TrainingDivergedError(self._divergence_message(e)) from e
+        except Exception as e:
+            e.kd_iteration = self.iter
+            raise
         return getattr(self, "_last_eval_results", None) if comm.is_main_process() else None
+
+    def after_train(self):
+        try:
+            super().after_train()
+        except Exception:
+            # detectron2 logs with its traceback what the loop raises, not what the hooks'
+            # after_train raise (the final evaluation); kd.launch counts on either being logged.
+            logger.exception("Exception after training:")
+            raise
+
+    def _divergence_message(self, error: FloatingPointError) -> str:
+        """What diverged, where, what to try, and which checkpoint is still good."""
+        cfg, iteration = self.cfg, self.iter
+        if "Loss became infinite or NaN" in str(error):
+            terms = re.findall(r"'(\w+)': (?:nan|inf|-inf)\b", str(error))
+            what = "the loss became infinite or NaN" + (f" ({', '.join(terms)})" if terms else "")
+        elif "Predicted boxes or scores contain Inf/NaN" in str(error):  # the RPN's check
+            what = "the predicted boxes or scores became infinite or NaN"
+        else:
+            what = str(error).splitlines()[0].rstrip(".!")
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        text = (
+            f"training diverged at iteration {iteration}: {what}"
+            + f". Lower SOLVER.BASE_LR (now {cfg.SOLVER.BASE_LR}), lengthen "
+            f"SOLVER.WARMUP_ITERS (now {cfg.SOLVER.WARMUP_ITERS})"
+            + (
+                f" or clip gradients harder (SOLVER.CLIP_GRADIENTS.CLIP_VALUE, now "
+                f"{clip.CLIP_VALUE})"
+                if clip.ENABLED
+                else " or clip gradients (SOLVER.CLIP_GRADIENTS.ENABLED True, CLIP_VALUE)"
+            )
+            + ". "
+        )
+        last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
+        if not last or not os.path.isfile(last):
+            return text + "No checkpoint had been written."
+        # NaN and inf stay in weights once there: finite weights now mean finite checkpoints.
+        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        saved_at = re.search(r"model_(\d+)\.pth$", last)
+        if finite or (saved_at and int(saved_at.group(1)) < iteration - 1):
+            return text + f"The last checkpoint, {last}, holds finite weights and is kept."
+        return text + (
+            f"The weights became infinite or NaN at iteration {iteration - 1}, so {last} may "
+            f"hold them; the checkpoints before it in {cfg.OUTPUT_DIR} are kept."
+        )
 
     def resume_or_load(self, resume: bool = True) -> None:
         if resume and self.checkpointer.has_checkpoint():
@@ -293,5 +369,93 @@ def _give_loaders_own_generators(loader, seed: int) -> None:
 def _create_ddp_model(model: nn.Module) -> nn.Module:
     if comm.get_world_size() == 1:
         return model
-    device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
+    # The current device, not the local rank: a launcher that gives each process one GPU of its
+    # own (SLURM --gpus-per-task=1) shows it as device 0 whatever the local rank.
+    device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
+    # No buffer broadcast at every forward (detectron2's choice): EqualBuffersHook makes the
+    # buffers equal where they are used, at checkpoints and evaluations.
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became infinite or NaN; the message says where, what to try and what is kept."""
+
+
+def equalize_buffers(model: nn.Module) -> None:
+    """Make ``model``'s buffers the same on every rank: BatchNorm running statistics averaged
+    over the ranks, every other buffer copied from rank 0. Call on every rank (collective).
+
+    Averaging the running means and variances (as timm's ``distribute_bn``) estimates them from
+    every rank's images, not rank 0's alone; the mean of the per-rank variances leaves out the
+    spread of the per-rank means, as SyncBN-free training does anyway.
+
+    Args:
+        model: the model, DDP-wrapped or not. A distiller's frozen teacher is not among its
+            buffers (not a registered submodule) and is the same on every rank anyway.
+    """
+    world = comm.get_world_size()
+    if world == 1:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    stats = [
+        t
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for t in (m.running_mean, m.running_var)
+        if t is not None
+    ]
+
+    def by_kind(tensors):
+        groups: Dict[Any, list] = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        return groups.values()
+
+    with torch.no_grad():
+        for group in by_kind(stats):
+            flat = _flatten_dense_tensors(group)
+            dist.all_reduce(flat)
+            flat /= world
+            for t, v in zip(group, _unflatten_dense_tensors(flat, group)):
+                t.copy_(v)
+        # Rank 0's copy of everything (the averages included): equal to the last bit.
+        for group in by_kind(list(module.buffers())):
+            flat = _flatten_dense_tensors(group)
+            dist.broadcast(flat, src=0)
+            for t, v in zip(group, _unflatten_dense_tensors(flat, group)):
+                t.copy_(v)
+
+
+class EqualBuffersHook(hooks.HookBase):
+    """Calls :func:`equalize_buffers` after each iteration whose model is saved or evaluated.
+
+    DDP runs with ``broadcast_buffers=False`` and plain BatchNorm keeps per-rank running
+    statistics, so without it the ranks' buffers drift apart: the checkpoint holds rank 0's and
+    the distributed evaluation scores each rank's share of the images with that rank's own.
+    Turning ``broadcast_buffers`` on instead would cost a broadcast at every forward and keep
+    rank 0's statistics only; this costs two collectives per checkpoint or evaluation.
+    """
+
+    def __init__(self, model: nn.Module, checkpoint_period: int, eval_period: int):
+        """
+        Args:
+            model: the trained model (DDP-wrapped or not).
+            checkpoint_period: ``SOLVER.CHECKPOINT_PERIOD`` (detectron2's PeriodicCheckpointer
+                saves after iterations ``i`` with ``(i + 1) % period == 0``, and the last).
+            eval_period: ``TEST.EVAL_PERIOD`` (EvalHook's period; 0: at the end only).
+        """
+        self._model = model
+        self._checkpoint_period = checkpoint_period
+        self._eval_period = eval_period
+
+    def after_step(self):
+        done = self.trainer.iter + 1
+        if (
+            done >= self.trainer.max_iter
+            or done % self._checkpoint_period == 0
+            or (self._eval_period > 0 and done % self._eval_period == 0)
+        ):
+            equalize_buffers(self._model)
