@@ -425,10 +425,10 @@ def _current_rank(default: Optional[int]) -> Optional[int]:
 def report_failure(e: BaseException, rank: Optional[int] = None) -> int:
     """Print what stopped this process as one line on stderr; returns the exit status.
 
-    The line says what happened and, for errors that are not a plain bad input, where the full
-    traceback is: in this rank's log file (written here, unless the training loop's logger wrote
-    it already), or on stderr when there is no log file yet (a failure before logging is set up
-    is a bug to report, not a bad input).
+    The line says what happened and, for errors of the training loop and errors that are not a
+    plain bad input, where the full traceback is: in this rank's log file (written there once, by
+    the training loop's logger or here), or on stderr when there is no log file yet (a failure
+    before logging is set up that is not a bad input is a bug to report).
 
     Args:
         e: the exception.
@@ -437,6 +437,9 @@ def report_failure(e: BaseException, rank: Optional[int] = None) -> int:
     from kd.config import ConfigError
     from kd.engine import TrainingDivergedError
 
+    # A diverged run's FloatingPointError was logged by the training loop; Ctrl-C and exits
+    # have no traceback worth keeping.
+    logged = (TrainingDivergedError, KeyboardInterrupt, SystemExit)
     if isinstance(e, KeyboardInterrupt):
         text, code, wants_traceback = "interrupted", 130, False
     elif isinstance(e, SystemExit):
@@ -458,14 +461,15 @@ def report_failure(e: BaseException, rank: Optional[int] = None) -> int:
     iteration = getattr(e, "kd_iteration", None)
     if iteration is not None and not isinstance(e, TrainingDivergedError):
         text = f"training stopped at iteration {iteration}: {text}"
+        wants_traceback = True  # whatever it is, the developer wants to see where it came from
     log_file = _log_file()
     if log_file:
-        # The training loop's logger has already written its exceptions' tracebacks.
-        already = iteration is not None
+        # Every traceback goes to the file once: the training loop's logger has written those of
+        # its exceptions already.
         logging.getLogger("kd").error(
             "%s",
             text,
-            exc_info=e if wants_traceback and not already else None,
+            exc_info=e if iteration is None and not isinstance(e, logged) else None,
             extra={_FILE_ONLY: True},
         )
         for handler in logging.getLogger("kd").handlers:
