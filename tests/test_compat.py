@@ -1,5 +1,6 @@
 """Workarounds for detectron2 v0.6 in kd.compat."""
 
+import pytest
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
@@ -51,3 +52,23 @@ def test_runtime_fixes_are_idempotent():
     init, getitem = MapDataset.__init__, MapDataset.__getitem__
     apply_runtime_fixes()
     assert (MapDataset.__init__, MapDataset.__getitem__) == (init, getitem)
+
+
+def test_float_keys_take_whole_numbers(tmp_path):
+    """`KD.TEACHER.MIN_AP 0` (DESIGN's spelling) and `BASE_LR: 1` in a YAML: yacs alone refuses
+    an int for a float key; the value becomes the float, and a non-number is still refused."""
+    from detectron2.config import get_cfg
+
+    from kd.config import add_kd_config
+
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_list(["KD.TEACHER.MIN_AP", "0"])
+    assert cfg.KD.TEACHER.MIN_AP == 0.0 and type(cfg.KD.TEACHER.MIN_AP) is float
+    (tmp_path / "c.yaml").write_text("SOLVER:\n  BASE_LR: 1\n")
+    cfg.merge_from_file(str(tmp_path / "c.yaml"))
+    assert cfg.SOLVER.BASE_LR == 1.0 and type(cfg.SOLVER.BASE_LR) is float
+    with pytest.raises(ValueError, match="Type mismatch"):
+        cfg.merge_from_list(["SOLVER.BASE_LR", "fast"])
+    with pytest.raises(ValueError, match="Type mismatch"):
+        cfg.merge_from_list(["SOLVER.MAX_ITER", "2.5"])  # a float for an int key stays refused

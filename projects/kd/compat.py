@@ -120,6 +120,7 @@ def apply_runtime_fixes() -> None:
     Idempotent, feature-detected.
     """
     install_import_hook()
+    _accept_whole_numbers_for_floats()
     _fix_retinanet_head_group_norm()
     _fix_map_dataset_fallback()
 
@@ -153,6 +154,27 @@ def _fix_map_dataset_fallback() -> None:
     except AttributeError:  # another detectron2 draws its fallback differently
         pass
     map_dataset._kd_fallback_fixed = True
+
+
+def _accept_whole_numbers_for_floats() -> None:
+    """Let a float config key take a whole number (``KD.TEACHER.MIN_AP 0``, ``BASE_LR: 1``).
+
+    yacs refuses an int for a float key ("Type mismatch"), although the number is exactly
+    representable; every other check of the value stays as yacs has it. Idempotent.
+    """
+    from yacs import config as yacs_config
+
+    original = yacs_config._check_and_coerce_cfg_value_type
+    if getattr(original, "_kd_fixed", False):
+        return
+
+    def check(replacement, original_value, key, full_key):
+        if type(replacement) is int and type(original_value) is float:
+            replacement = float(replacement)
+        return original(replacement, original_value, key, full_key)
+
+    check._kd_fixed = True
+    yacs_config._check_and_coerce_cfg_value_type = check
 
 
 def group_norm(channels: int) -> "torch.nn.GroupNorm":  # noqa: F821 (torch imported lazily)
