@@ -197,15 +197,20 @@ def _load_lazy_config(path: str, overrides: Sequence[str]):
 
 
 def _load_config(cfg: CfgNode) -> "tuple[str, Any]":
-    from kd.config import add_kd_config
+    from kd.config import add_kd_config, merge_config
 
     path = resolve_config_file(cfg.KD.TEACHER.CONFIG_FILE)
     if is_lazy_config(path):
         return path, _load_lazy_config(path, cfg.KD.TEACHER.OPTS)
     tcfg = get_cfg()
     add_kd_config(tcfg)
-    tcfg.merge_from_file(path)
-    tcfg.merge_from_list(list(cfg.KD.TEACHER.OPTS))
+    merge_config(
+        tcfg,
+        path,
+        list(cfg.KD.TEACHER.OPTS),
+        file_option="KD.TEACHER.CONFIG_FILE",
+        opts_origin="KD.TEACHER.OPTS",
+    )
     # The teacher lives on the student's device whatever its own config says.
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     tcfg.MODEL.WEIGHTS = cfg.KD.TEACHER.WEIGHTS
