@@ -9,13 +9,16 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-torch.txt constraints.txt tools/install_detectron2.py tools/write_pth.py
+$(STAMP): requirements.txt requirements-torch.txt constraints.txt tools/install_detectron2.py tools/write_pth.py \
+		tools/install_imagenet_weights.py
 	$(PYTHON) -m venv $(VENV)
 	@# No pip cache: torch's CUDA wheels are about 3 GB (6 GB installed), a CI machine once ran
 	@# out of disk in this step, and a second copy in ~/.cache would only bring that closer.
 	$(PY) -m pip install -q --disable-pip-version-check --no-cache-dir -r requirements-torch.txt -c constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-cache-dir -r requirements.txt -c constraints.txt
 	$(PY) tools/install_detectron2.py
+	@# torchvision's MobileNetV2 ImageNet file into its cache, sha256-checked (configs/bccd).
+	$(PY) tools/install_imagenet_weights.py
 	@# Put projects/ on the path and load kd.compat's import hook for every interpreter of .venv
 	@# (by file, so that interpreter start does not import torch), so that a plain
 	@# `import detectron2` works without the compiled extension.

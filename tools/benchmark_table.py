@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """Does distillation make the student better? Every method against its baseline, over seeds.
 
-    python tools/benchmark_table.py [--seeds 1 2 3] [--families faster_rcnn detr ...]
-        [--methods GID ...] [--output output/benchmark] [--teacher-iters N] [--student-iters N]
-        [--dry-run] [--report-only]
+    python tools/benchmark_table.py [--suite kd_shapes|bccd] [--seeds 1 2 3]
+        [--families faster_rcnn detr ...] [--methods GID ...] [--output DIR]
+        [--teacher-iters N] [--student-iters N] [--dry-run] [--report-only]
 
-On kd_shapes, for every detector family (Faster R-CNN, RetinaNet, FCOS, DETR) it trains the teacher
+Two suites: ``kd_shapes`` (the default; synthetic images, models trained from scratch, configs in
+``configs/kd_shapes``, output ``output/benchmark``) and ``bccd`` (real microscope images,
+ImageNet-initialised MobileNetV2 models, configs in ``configs/bccd``, output
+``output/bccd_benchmark``; BCCD registered from ``$KD_BCCD_ROOT`` or ``../shared/data/bccd``).
+For every detector family (Faster R-CNN, RetinaNet, FCOS, DETR) it trains the teacher
 once, then the baseline student and each distilled student on the same schedule for every seed,
 all through ``train_net.py`` and COCOEvaluator. It writes ``OUTPUT/benchmark.md`` (mean ± std of
 AP, AP50, AP75 over the seeds and the gain over the baseline: the mean ± std of the per-seed
@@ -19,7 +23,8 @@ repository): its metrics, config, schedule and overrides, and the commit it ran 
 there with the same config, schedule and overrides counts as finished even when its output
 folder is gone (a fresh clone, another machine), so seeds and methods can be added to the table
 over several sessions; a teacher is retrained only when a run that still has to train needs its
-weights. Runs are identified by config name, schedule and overrides, not by the config's contents
+weights. Runs are identified by config name, schedule and overrides (and the suite, for suites
+other than kd_shapes, whose runs are recorded under ``<suite>/...``), not by the config's contents
 or the code: after changing those, delete the runs concerned from the record. ``--record ''``
 uses the output folder alone.
 """
@@ -32,7 +37,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from kd.experiments import (
     ROOT,
@@ -43,6 +48,7 @@ from kd.experiments import (
 )
 
 CONFIGS = os.path.join("configs", "kd_shapes")
+BCCD_CONFIGS = os.path.join("configs", "bccd")
 METRICS = ("AP", "AP50", "AP75")
 RECORD = os.path.join("docs", "benchmark", "runs.json")
 
@@ -131,6 +137,115 @@ METHODS = [
     ),
 ]
 
+# BCCD: teachers about 30 minutes, students (the slowest distilled run of the family) about 15
+# minutes on this 2-core CPU when it is not shared; measured s/iter in README, "BCCD". A DETR
+# teacher at 640x480 makes the runs that distil from it the slowest (MobileNetV2 alone takes about
+# a second per 640x480 image here), hence the shorter Faster R-CNN and DETR schedules.
+BCCD_FAMILIES = {
+    f.name: f
+    for f in (
+        Family(
+            "faster_rcnn",
+            "Faster R-CNN",
+            "faster_rcnn_teacher.yaml",
+            "faster_rcnn_student.yaml",
+            600,
+            200,
+        ),
+        Family(
+            "retinanet", "RetinaNet", "retinanet_teacher.yaml", "retinanet_student.yaml", 600, 300
+        ),
+        Family("fcos", "FCOS", "fcos_teacher.yaml", "fcos_student.yaml", 500, 300),
+        Family("detr", "DETR", "detr_teacher.yaml", "detr_student.yaml", 400, 200),
+    )
+}
+
+BCCD_METHODS = [
+    Method(
+        "Chen et al. 2017 (low-resolution student)", "faster_rcnn", "faster_rcnn_kd_chen2017.yaml"
+    ),
+    Method("GID", "faster_rcnn", "faster_rcnn_kd_gid.yaml"),
+    Method(
+        "DETR teacher (heterogeneous)",
+        "faster_rcnn",
+        "hetero_detr_to_faster_rcnn.yaml",
+        teacher_family="detr",
+    ),
+    Method("GID", "retinanet", "retinanet_kd_gid.yaml"),
+    Method("GID", "fcos", "fcos_kd_gid.yaml"),
+    Method("KD-DETR", "detr", "detr_kd_detr.yaml"),
+    Method(
+        "Faster R-CNN teacher (heterogeneous)",
+        "detr",
+        "hetero_faster_rcnn_to_detr.yaml",
+        teacher_family="faster_rcnn",
+    ),
+]
+
+
+def _prepare_kd_shapes(args) -> None:
+    datasets = os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
+    prepare_kd_shapes(datasets, args.num_train, args.num_val)
+
+
+def _prepare_bccd(args) -> None:
+    from kd.data.voc import bccd_root
+
+    root = bccd_root()
+    if root is None:
+        raise SystemExit(
+            "error: BCCD not found: set KD_BCCD_ROOT to a BCCD checkout (VOC layout: "
+            "Annotations/, JPEGImages/, ImageSets/Main/{train,val}.txt) or put it at "
+            f"{os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'bccd')}"
+        )
+    print(f"[kd] BCCD found at {root}")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A benchmark: its configs, families, methods, data and where its runs go."""
+
+    name: str
+    configs: str
+    output: str
+    families: Dict[str, Family]
+    methods: List[Method]
+    evaluated_on: str
+    prepare: Callable[[argparse.Namespace], None]
+
+    def record_key(self, relative: str) -> str:
+        # kd_shapes keeps the keys the record had before there were suites.
+        return relative if self.name == "kd_shapes" else f"{self.name}/{relative}"
+
+
+SUITES = {
+    "kd_shapes": Suite(
+        "kd_shapes",
+        CONFIGS,
+        os.path.join("output", "benchmark"),
+        FAMILIES,
+        METHODS,
+        "kd_shapes val",
+        _prepare_kd_shapes,
+    ),
+    "bccd": Suite(
+        "bccd",
+        BCCD_CONFIGS,
+        os.path.join("output", "bccd_benchmark"),
+        BCCD_FAMILIES,
+        BCCD_METHODS,
+        "BCCD val",
+        _prepare_bccd,
+    ),
+}
+
+
+def suite_of(run_or_args) -> Suite:
+    """The suite of a planned run (its "suite" entry) or of parsed arguments (``suite``)."""
+    if isinstance(run_or_args, dict):
+        return SUITES[run_or_args.get("suite", "kd_shapes")]
+    return SUITES[getattr(run_or_args, "suite", None) or "kd_shapes"]
+
 
 def mean_std(values: Sequence[float]) -> Dict[str, float]:
     """Mean and sample standard deviation (0 for a single value)."""
@@ -185,7 +300,7 @@ def markdown_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def chart(rows: List[dict], path: str) -> None:
+def chart(rows: List[dict], path: str, evaluated_on: str = "kd_shapes val") -> None:
     """Bar chart of the gain in AP of every method over its baseline, with ± std."""
     import matplotlib
 
@@ -204,7 +319,7 @@ def chart(rows: List[dict], path: str) -> None:
     ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("AP gain over the baseline student (kd_shapes val)")
+    ax.set_xlabel(f"AP gain over the baseline student ({evaluated_on})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -212,16 +327,23 @@ def chart(rows: List[dict], path: str) -> None:
 
 def plan(args) -> List[dict]:
     """The runs to do, in order: teachers first, then per seed the baselines and methods."""
-    families = [FAMILIES[f] for f in args.families]
+    suite = suite_of(args)
+    names = args.families or list(suite.families)
+    unknown = [f for f in names if f not in suite.families]
+    if unknown:
+        raise SystemExit(
+            f"error: --families {unknown}: suite {suite.name} has {list(suite.families)}"
+        )
+    families = [suite.families[f] for f in names]
     methods = [
         m
-        for m in METHODS
-        if m.family in args.families
+        for m in suite.methods
+        if m.family in names
         and (not args.methods or any(re.search(k, m.title, re.IGNORECASE) for k in args.methods))
     ]
-    missing = [m for m in methods if not os.path.isfile(os.path.join(CONFIGS, m.config))]
+    missing = [m for m in methods if not os.path.isfile(os.path.join(suite.configs, m.config))]
     for m in missing:
-        print(f"[benchmark] skipped '{m.title}' ({m.family}): {m.config} is not in {CONFIGS}")
+        print(f"[benchmark] skipped '{m.title}' ({m.family}): {m.config} is not in {suite.configs}")
     methods = [m for m in methods if m not in missing]
     teachers = {f.name for f in families} | {m.teacher_family for m in methods if m.teacher_family}
 
@@ -234,9 +356,10 @@ def plan(args) -> List[dict]:
 
     runs = []
     for name in sorted(teachers):
-        fam = FAMILIES[name]
+        fam = suite.families[name]
         runs.append(
             dict(
+                suite=suite.name,
                 kind="teacher",
                 family=name,
                 title="teacher",
@@ -250,6 +373,7 @@ def plan(args) -> List[dict]:
         for fam in families:
             runs.append(
                 dict(
+                    suite=suite.name,
                     kind="baseline",
                     family=fam.name,
                     title="baseline",
@@ -264,6 +388,7 @@ def plan(args) -> List[dict]:
                 t = os.path.join(teacher_dir(m.teacher_family or fam.name), "model_final.pth")
                 runs.append(
                     dict(
+                        suite=suite.name,
                         kind="method",
                         family=fam.name,
                         teacher_family=m.teacher_family or fam.name,
@@ -280,8 +405,9 @@ def plan(args) -> List[dict]:
 
 # ---------------------------------------------------------------------- the record of runs
 def run_key(run: dict, output: str) -> str:
-    """A run's name in the record: its output folder relative to the benchmark's."""
-    return os.path.relpath(run["out"], output)
+    """A run's name in the record: its output folder relative to the benchmark's (under
+    ``<suite>/`` for suites other than kd_shapes, so that their runs never collide)."""
+    return suite_of(run).record_key(os.path.relpath(run["out"], output))
 
 
 def run_identity(run: dict, output: str) -> dict:
@@ -289,12 +415,15 @@ def run_identity(run: dict, output: str) -> dict:
     the benchmark's output folder written relative to it). The config's contents and the code
     are not part of it: after changing either, delete the runs concerned from the record."""
     opts = [os.path.relpath(o, output) if o.startswith(output + os.sep) else o for o in run["opts"]]
-    return {
+    identity = {
         "config": run["config"],
         "iters": run["iters"],
         "schedule": schedule_opts(run["iters"]),
         "opts": opts,
     }
+    if suite_of(run).name != "kd_shapes":
+        identity["suite"] = suite_of(run).name
+    return identity
 
 
 def load_record(path: str) -> Dict[str, dict]:
@@ -393,6 +522,7 @@ def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = No
     """Collect the finished runs (output folders, then the record) into table rows; write
     benchmark.md/.png and results.json."""
     finished = finished_runs(runs, output, record or {})
+    suite = suite_of(runs[0]) if runs else SUITES["kd_shapes"]
     rows = []
 
     def teacher_ap(family: str) -> str:
@@ -414,7 +544,7 @@ def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = No
         for title, teacher in titles.items():
             rows.append(
                 dict(
-                    family=FAMILIES[fam].title,
+                    family=suite.families[fam].title,
                     student=title,
                     teacher_AP=teacher_ap(teacher),
                     summary=summarize(baseline, per_title.get(title, {})),
@@ -427,7 +557,7 @@ def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = No
         f.write(table + "\n")
     with open(os.path.join(output, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    chart(rows, os.path.join(output, "benchmark.png"))
+    chart(rows, os.path.join(output, "benchmark.png"), suite.evaluated_on)
     print("\n" + table)
     print(f"\nwritten: {output}/benchmark.md, benchmark.png, results.json")
     return rows
@@ -435,9 +565,24 @@ def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = No
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default=os.path.join("output", "benchmark"))
+    parser.add_argument(
+        "--suite",
+        default="kd_shapes",
+        choices=list(SUITES),
+        help="kd_shapes (synthetic, configs/kd_shapes) or bccd (real images, configs/bccd)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="default: output/benchmark (kd_shapes), output/bccd_benchmark",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        help="default: every family of the suite (faster_rcnn retinanet fcos detr)",
+    )
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -469,6 +614,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         "--report-only", action="store_true", help="only rebuild the table from finished runs"
     )
     args = parser.parse_args(argv)
+    suite = suite_of(args)
+    args.output = args.output or suite.output
     os.chdir(ROOT)
     runs = plan(args)
     record = load_record(args.record)
@@ -479,15 +626,14 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(f"[{state}] {r['out']}: {r['config']} {r['iters']} it {' '.join(r['opts'])}")
         return
     if not args.report_only:
-        datasets = os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
-        prepare_kd_shapes(datasets, args.num_train, args.num_val)
+        suite.prepare(args)
         for r in runs:
             name = f"{r['family']} {r['title']}" + (f" seed {r['seed']}" if "seed" in r else "")
             if r not in todo:
                 print(f"[kd] {name}: finished (output folder or {args.record or 'record'})")
                 continue
             metrics = train_and_evaluate(
-                name, os.path.join(CONFIGS, r["config"]), r["out"], r["iters"], r["opts"]
+                name, os.path.join(suite.configs, r["config"]), r["out"], r["iters"], r["opts"]
             )
             if args.record:
                 # Re-read first: another benchmark process may have recorded runs meanwhile.

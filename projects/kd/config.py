@@ -24,6 +24,7 @@ def add_kd_config(cfg: CN) -> None:
 
     add_detr_config(cfg)
     _add_fcos_keys(cfg)
+    _add_mobilenet_keys(cfg)
     _add_solver_keys(cfg)
     _add_dataloader_keys(cfg)
     if "KD" in cfg:
@@ -122,6 +123,31 @@ def _add_solver_keys(cfg: CN) -> None:
     if "BACKBONE_MULTIPLIER" not in cfg.SOLVER:
         # LR multiplier for parameters under "backbone." (DETR family trains it at 0.1x).
         cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+
+
+def _add_mobilenet_keys(cfg: CN) -> None:
+    """``MODEL.MOBILENET.*``: torchvision's MobileNetV2 as a detectron2 backbone
+    (:mod:`kd.modeling.mobilenet`; ``MODEL.BACKBONE.NAME`` ``build_mobilenetv2_fpn_backbone``,
+    ``build_mobilenetv2_retinanet_fpn_backbone`` or ``build_mobilenetv2_backbone``).
+    ``MODEL.BACKBONE.FREEZE_AT`` counts its stages stem, m2, .., m5 as ResNet's.
+    """
+    if "MOBILENET" in cfg.MODEL:
+        return
+    _m = cfg.MODEL.MOBILENET = CN()
+    # ImageNet initialisation: a torchvision MobileNet_V2_Weights entry, "IMAGENET1K_V1", whose
+    # file (mobilenet_v2-b0353104.pth) must be in torchvision's cache, $TORCH_HOME/hub/checkpoints
+    # (`make setup` puts it there: tools/install_imagenet_weights.py); its sha256 is checked and a
+    # missing or different file stops the build. The weights expect INPUT.FORMAT "RGB" and
+    # MODEL.PIXEL_MEAN [123.675, 116.28, 103.53] / PIXEL_STD [58.395, 57.12, 57.375], which the
+    # builder checks. "" = random initialisation (e.g. to evaluate a trained checkpoint, whose
+    # weights replace these anyway, on a machine without the file).
+    _m.IMAGENET_WEIGHTS = "IMAGENET1K_V1"
+    # Outputs of build_mobilenetv2_backbone (the FPN builders use MODEL.FPN.IN_FEATURES): "stem"
+    # (stride 2), "m2" (4), "m3" (8), "m4" (16), "m5" (32).
+    _m.OUT_FEATURES = ["m3", "m4", "m5"]
+    # "FrozenBN": every BatchNorm frozen (detectron2's FrozenBatchNorm2d), as detectron2 fine-tunes
+    # ImageNet backbones with small per-GPU batches; "BN": torchvision's BatchNorm, trained.
+    _m.NORM = "FrozenBN"
 
 
 def _add_gid_keys(cfg: CN) -> None:
