@@ -138,9 +138,9 @@ METHODS = [
 ]
 
 # BCCD: teachers about 30 minutes, students (the slowest distilled run of the family) about 15
-# minutes on this 2-core CPU when it is not shared; measured s/iter in README, "BCCD". A DETR
-# teacher at 640x480 makes the runs that distil from it the slowest (MobileNetV2 alone takes about
-# a second per 640x480 image here), hence the shorter Faster R-CNN and DETR schedules.
+# minutes on this 2-core CPU when it is not shared; measured s/iter in docs/benchmark.md, "BCCD".
+# A DETR teacher at 640x480 makes the runs that distil from it the slowest (MobileNetV2 alone
+# takes about a second per 640x480 image here), hence the shorter Faster R-CNN and DETR schedules.
 BCCD_FAMILIES = {
     f.name: f
     for f in (

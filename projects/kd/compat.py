@@ -72,7 +72,7 @@ def _make_stand_in() -> types.ModuleType:
             f"detectron2 compiled op '{name}' is not available: this detectron2 was installed "
             "without its C++/CUDA extension (detectron2._C). Rotated boxes, deformable "
             "convolution and the fast COCO evaluator need it. Install the official detectron2 "
-            "from its repository (see README, 'GPU users') to use this op."
+            "from its repository (see docs/install.md, 'GPU users') to use this op."
         )
 
     module.__getattr__ = __getattr__

@@ -265,7 +265,7 @@ def _add_kd_detr_keys(cfg: CN) -> None:
     # Divisor of each point set's sum: "weight_sum" (sum of w_i: a weighted mean, as the authors'
     # box terms [code]) or "num_queries" (B * M). Most points are background with w_i ~ 0.03, so
     # "num_queries" makes the loss ~30x smaller; on kd_shapes it did not help the student
-    # (README, KD-DETR), "weight_sum" did. [measured]
+    # (docs/methods.md, KD-DETR), "weight_sum" did. [measured]
     _k.NORMALIZE = "weight_sum"
     # Student decoder layers distilled, as indices (negative from the end); each is compared
     # with the teacher's TEACHER_LAYER. Empty: every student layer [code].
@@ -279,7 +279,7 @@ def _add_hetero_keys(cfg: CN) -> None:
     R-CNN; ``kd.meta_arch.hetero``, ``kd.probes``, ``kd.losses.class_space``).
 
     Tags: [paper] KD-DETR's paper, [code] its released code, [open] our choice, [measured] chosen
-    from the measurement in README "Heterogeneous distillation".
+    from the measurement in docs/methods.md "Heterogeneous distillation".
     """
     # Losses named loss_kd_hetero_{cls, l1, giou}: the KD-DETR loss at the shared points, after
     # mapping the teacher's classes into the student's space. A weight of 0 removes its term.

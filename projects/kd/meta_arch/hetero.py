@@ -9,7 +9,7 @@ KD-DETR loss (:func:`kd.losses.kd_detr.kd_detr_loss`: KL of the class distributi
 of the refined boxes, each point weighted by the teacher's top class probability). For an R-CNN
 student the KL compares, by default, only the distributions among the K object classes: a
 focal-loss DETR's sigmoids are low even on objects, and mapped to a (K + 1)-way softmax they call
-objects mostly background (measured in README "Heterogeneous distillation").
+objects mostly background (measured in docs/methods.md "Heterogeneous distillation").
 
 * :class:`DETRToRCNNDistiller`: DETR teacher, Faster R-CNN student. The points are the student's
   sampled ROI proposals (the boxes its own box head losses use this step) and optionally random
