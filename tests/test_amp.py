@@ -46,6 +46,7 @@ def test_losses_upcast_half_inputs_to_float32():
 )
 def test_distiller_trains_under_autocast(config, datasets_root, tmp_path, one_thread):
     from detectron2.modeling import build_model
+    from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
     bk = load_script("tools/benchmark_kd.py")
@@ -62,6 +63,10 @@ def test_distiller_trains_under_autocast(config, datasets_root, tmp_path, one_th
     bk.ensure_teacher_weights(cfg, str(tmp_path))
     torch.manual_seed(0)
     model = build_model(cfg).train()
+    # The same batch in every run: detectron2's training sampler takes its seed, and the random
+    # flip its draws, from numpy's global RNG; unseeded, every run trained on other images (the
+    # FCOS gradients once thought nondeterministic "on the same inputs" were on other inputs).
+    seed_all_rng(0)
     batch = bk.fixed_batches(cfg, 1)[0]
     with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(batch)
@@ -70,15 +75,13 @@ def test_distiller_trains_under_autocast(config, datasets_root, tmp_path, one_th
     for name, value in losses.items():
         assert value.dtype == torch.float32, (name, value.dtype)
         assert torch.isfinite(value), name
-    # The distillation terms' gradients reach the student, finite. (Only these: on 64 px inputs
-    # FCOS's own focal loss sometimes gives the 1 x 1 P7 conv a non-finite bfloat16 gradient,
-    # in detectron2's code and without any teacher.)
-    sum(kd_terms.values()).backward()
-    grads = [p.grad for p in model.student.parameters() if p.grad is not None]
+    # The gradients of all the losses reach the student, finite. FCOS included: its 1 x 1 P7 map
+    # and GroupNorm in bfloat16 gave finite gradients on every batch and seed tried (issue 15).
+    sum(losses.values()).backward()
+    grads = {n: p.grad for n, p in model.student.named_parameters() if p.grad is not None}
     assert grads
-    if config == "fcos_kd_gid.yaml":
-        # Not asserted for FCOS: in about one run in five, on the same seed and inputs, some of
-        # the tiny FCOS student's bfloat16 gradients are non-finite, also before the GID changes
-        # of this round (b24fb7e): nondeterministic and not yet understood (an open issue).
-        return
-    assert all(torch.isfinite(g).all() for g in grads)
+    bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+    assert not bad, (
+        f"non-finite bfloat16 gradients in {bad[:5]} (oneDNN bfloat16 kernels in use: "
+        f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()})"
+    )
