@@ -1,8 +1,8 @@
 """Reading weight files without running code, and writing checkpoints that a kill cannot destroy.
 
 Weight files come from users, model zoos and other people's runs: they are untrusted input.
-Python's pickle (which detectron2 uses for ``.pkl`` and which ``torch.load(weights_only=False)``
-uses for ``.pth``) calls whatever callable a file names, so a file can run code when it is read.
+Python's pickle (which detectron2 uses for ``.pkl``, and ``torch.load`` for ``.pth`` unless it is
+restricted to weights) calls whatever callable a file names, so a file can run code when it is read.
 Here ``.pth`` / ``.pyth`` files are read with ``torch.load(weights_only=True)`` and ``.pkl`` files
 with an unpickler that admits numpy arrays and plain containers only; a file that needs more is
 refused with :class:`UnsafeWeightsError`. :func:`load_checkpoint_file` is the one reader, used by
