@@ -345,9 +345,8 @@ class DETRToRCNNDistiller(_HeteroDistiller):
             absolute = decoded.new_zeros(b, m, *decoded.shape[1:])
             absolute[valid] = decoded
             r = decoded.shape[1]
-            normed = clip_points(normalize_boxes(absolute.view(b, m * r, 4), sizes)).view(
-                b, m, r, 4
-            )
+            # normalize_boxes clips the corners to the image already.
+            normed = normalize_boxes(absolute.view(b, m * r, 4), sizes).view(b, m, r, 4)
             parts.append(ProbeAnswer(logits[None], normed[None], "softmax"))
         if random is not None:
             parts.append(probe_rcnn(self.student, features, sizes, random))
