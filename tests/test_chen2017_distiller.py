@@ -170,6 +170,31 @@ def test_low_resolution_student(tiny_teacher, tmp_path, batch):
     assert out[0]["instances"].image_size == (64, 64)
 
 
+def test_low_resolution_pixels_equal_the_loaders_resize(tiny_teacher, tmp_path):
+    """The low-resolution student sees, to rounding, what detectron2's data loader gives the
+    same student deployed alone at half size (ResizeTransform: PIL's antialiased bilinear), even
+    on pixel noise, where plain bilinear sampling (a 2x2 mean at scale 0.5) differs by tens of
+    gray levels."""
+    from detectron2.data.transforms import ResizeTransform
+
+    model = build(
+        tiny_teacher,
+        tmp_path,
+        "KD.STUDENT.INPUT_SCALE",
+        "0.5",
+        "KD.CHEN2017.RPN_SOFT_CLS",
+        "False",
+        "KD.CHEN2017.RPN_BOUNDED_REG",
+        "False",
+    )
+    hwc = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    image = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+    small = model.student_inputs([{"image": image, "height": 48, "width": 64}])[0]["image"]
+    loader = ResizeTransform(48, 64, 24, 32).apply_image(hwc).transpose(2, 0, 1)
+    assert small.dtype == torch.uint8 and small.shape == (3, 24, 32)
+    assert (small.int() - torch.from_numpy(loader.astype(np.int32))).abs().max() <= 1
+
+
 def test_rpn_terms_refused_for_low_resolution(tiny_teacher, tmp_path):
     with pytest.raises(ValueError, match="INPUT_SCALE"):
         build(tiny_teacher, tmp_path, "KD.STUDENT.INPUT_SCALE", "0.5")

@@ -120,7 +120,9 @@ class Distiller(nn.Module):
         """The batch as the student sees it: resized by ``student_input_scale`` (boxes too).
 
         ``height``/``width`` (the output resolution) are kept, so predictions are still reported
-        in the original image's coordinates.
+        in the original image's coordinates. The resize is antialiased, as PIL's bilinear resize
+        in detectron2's data loader is: the pixels equal (to rounding) what the student gets when
+        it is deployed alone at the smaller size, where plain bilinear sampling would alias.
         """
         s = self.student_input_scale
         if s == 1.0:
@@ -131,7 +133,7 @@ class Distiller(nn.Module):
             h, w = img.shape[-2:]
             size = (max(1, round(h * s)), max(1, round(w * s)))
             small = F.interpolate(
-                img[None].float(), size=size, mode="bilinear", align_corners=False
+                img[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True
             )[0]
             y = dict(
                 x,
