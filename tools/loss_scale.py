@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Every loss term of a config on its first training batches, before any step: how to size a weight.
+
+    python tools/loss_scale.py CONFIG.yaml [--batches 3] [KEY VALUE ...]
+
+The model is built and initialised as ``train_net.py`` would start it (``MODEL.WEIGHTS``, the
+teacher's ``KD.TEACHER.WEIGHTS``, ImageNet backbones), put in training mode, and run on the
+first ``--batches`` batches of ``DATASETS.TRAIN`` (the training loader, with its augmentation and
+``SEED``) without gradients or optimizer steps. For each term it prints the mean, lowest and
+highest value as the training loop would log it (weights applied), then the sums of the model's
+own losses and of the distillation terms (``loss_kd_*``).
+
+A distillation weight the paper leaves to the data (e.g. GID's lambda_1 on features of another
+scale) is sized from the training data, not from validation AP: run with the weight at 1 and set
+it so that the term starts near the model's own losses. ``configs/bccd/faster_rcnn_kd_gid.yaml``
+was sized this way.
+
+Bad input (a missing file, an unknown key, unusable weights, an unregistered dataset) stops the
+tool with one line, as ``train_net.py`` does.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+from typing import Dict, List, Optional, Sequence
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects"))
+
+
+def loss_values(config_file: str, opts: Sequence[str], batches: int) -> Dict[str, List[float]]:
+    """Each loss term's value on each of the first ``batches`` training batches.
+
+    Args:
+        config_file: a detectron2 / KD config.
+        opts: ``KEY VALUE`` overrides.
+        batches: how many training batches.
+
+    Returns:
+        ``{loss name: [value per batch]}``, in the order the model returns them.
+    """
+    import tempfile
+
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.events import EventStorage
+
+    import kd  # noqa: F401  (registers the distillers and datasets)
+    from kd.checkpoint import KDCheckpointer
+    from kd.config import add_kd_config, merge_config
+    from kd.data import validate_datasets
+    from kd.engine import Trainer
+
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    merge_config(cfg, config_file, list(opts))
+    # The teacher's AP is not what this tool measures (and costs a pass over the test set).
+    cfg.KD.TEACHER.EVALUATE = False
+    cfg.freeze()
+    validate_datasets(list(cfg.DATASETS.TRAIN))
+    # As detectron2's default_setup: the same SEED gives the same initial model and batches.
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
+    model = Trainer.build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            KDCheckpointer(model, save_dir=tmp).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    model.train()
+    loader = iter(Trainer.build_train_loader(cfg))
+    values: Dict[str, List[float]] = {}
+    with EventStorage(0), torch.no_grad():
+        for _ in range(batches):
+            for name, value in model(next(loader)).items():
+                values.setdefault(name, []).append(float(value))
+    return values
+
+
+def format_report(values: Dict[str, List[float]]) -> str:
+    """The table: one row per term (mean, lowest, highest), then the two sums' means.
+
+    Args:
+        values: ``{loss name: [value per batch]}``.
+    """
+    width = max([len(k) for k in values] + [len("distillation (loss_kd_*)")])
+    lines = [f"{'term':<{width}}  {'mean':>11}  {'lowest':>11}  {'highest':>11}"]
+    for name, v in values.items():
+        lines.append(f"{name:<{width}}  {statistics.mean(v):11.4g}  {min(v):11.4g}  {max(v):11.4g}")
+    own = [statistics.mean(v) for k, v in values.items() if not k.startswith("loss_kd_")]
+    kd = [statistics.mean(v) for k, v in values.items() if k.startswith("loss_kd_")]
+    lines.append(f"{'model (sum)':<{width}}  {sum(own):11.4g}")
+    if kd:
+        lines.append(f"{'distillation (loss_kd_*)':<{width}}  {sum(kd):11.4g}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config_file")
+    parser.add_argument("--batches", type=int, default=3, help="training batches (default 3)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    args = parser.parse_args(argv)
+    if args.batches < 1:
+        parser.error("--batches must be at least 1")
+    from kd.launch import report_failure
+
+    try:
+        values = loss_values(args.config_file, args.opts, args.batches)
+    except Exception as e:  # noqa: BLE001 (the tool's error boundary: one line)
+        raise SystemExit(report_failure(e)) from None
+    print(format_report(values))
+
+
+if __name__ == "__main__":
+    main()
