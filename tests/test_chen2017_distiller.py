@@ -195,6 +195,41 @@ def test_low_resolution_pixels_equal_the_loaders_resize(tiny_teacher, tmp_path):
     assert (small.int() - torch.from_numpy(loader.astype(np.int32))).abs().max() <= 1
 
 
+def test_hint_pairs_student_levels_with_other_teacher_levels(tiny_teacher, tmp_path, batch):
+    """KD.CHEN2017.HINT.TEACHER_FEATURES: a half-resolution student's p3, p4 against the
+    teacher's p4, p5 (maps of equal size, so nothing is resized). Reference: the two backbones
+    and the 1x1 adapters applied by hand, the squared error averaged per level, then over
+    levels."""
+    import torch.nn.functional as F
+
+    opts = ["KD.STUDENT.INPUT_SCALE", "0.5", "KD.CHEN2017.RPN_SOFT_CLS", "False"]
+    opts += ["KD.CHEN2017.RPN_BOUNDED_REG", "False", "KD.CHEN2017.HINT.FEATURES", "['p3', 'p4']"]
+    model = build(
+        tiny_teacher, tmp_path, *opts, "KD.CHEN2017.HINT.TEACHER_FEATURES", "['p4', 'p5']"
+    )
+    model.train()
+    losses = model(batch)
+    with torch.no_grad():
+        s = model.student
+        t = model.teacher
+        s_feats = s.backbone(s.preprocess_image(model.student_inputs(batch)).tensor)
+        t_feats = t.backbone(t.preprocess_image(batch).tensor)
+        expected = []
+        for s_name, t_name in (("p3", "p4"), ("p4", "p5")):
+            conv = model.hint_adapters.adapters[s_name]
+            adapted = F.conv2d(s_feats[s_name], conv.weight, conv.bias)
+            assert adapted.shape == t_feats[t_name].shape
+            expected.append(((adapted - t_feats[t_name]) ** 2).mean())
+    gamma = model.hint_weight
+    assert losses["loss_kd_chen2017_hint"].item() == pytest.approx(
+        gamma * (expected[0] + expected[1]).item() / 2, rel=1e-5
+    )
+    with pytest.raises(ValueError, match="one teacher feature per"):
+        build(tiny_teacher, tmp_path, *opts, "KD.CHEN2017.HINT.TEACHER_FEATURES", "['p4']")
+    with pytest.raises(ValueError, match="p7"):
+        build(tiny_teacher, tmp_path, *opts, "KD.CHEN2017.HINT.TEACHER_FEATURES", "['p4', 'p7']")
+
+
 def test_rpn_terms_refused_for_low_resolution(tiny_teacher, tmp_path):
     with pytest.raises(ValueError, match="INPUT_SCALE"):
         build(tiny_teacher, tmp_path, "KD.STUDENT.INPUT_SCALE", "0.5")

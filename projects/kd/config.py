@@ -94,6 +94,10 @@ def add_kd_config(cfg: CN) -> None:
     # Which features are hinted (names of the backbone's outputs, present in both models). The
     # paper uses the end of the backbone; for FPN models every FPN level is the natural choice.
     _c.HINT.FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    # The teacher's feature each of FEATURES is compared with, in order [open: the paper hints
+    # one layer]; empty = the same names. A student at KD.STUDENT.INPUT_SCALE 0.5 may pair its p_l
+    # with the teacher's p_(l+1): maps of equal size, on which each object covers the same cells.
+    _c.HINT.TEACHER_FEATURES = []
     # "l2" (the paper's main choice) or "l1".
     _c.HINT.NORM = "l2"
 

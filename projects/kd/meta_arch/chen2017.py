@@ -112,6 +112,7 @@ class Chen2017Distiller(Distiller):
         rcn_soft_cls: bool = True,
         rcn_bounded_reg: bool = True,
         hint_features: Tuple[str, ...] = (),
+        hint_teacher_features: Tuple[str, ...] = (),
         hint_weight: float = 0.5,
         hint_norm: str = "l2",
         **kwargs,
@@ -125,6 +126,8 @@ class Chen2017Distiller(Distiller):
             bound_margin: m, margin of the bound.
             rpn_soft_cls, rpn_bounded_reg, rcn_soft_cls, rcn_bounded_reg: switch each term.
             hint_features: features to hint (empty: no hint loss).
+            hint_teacher_features: the teacher's feature each of ``hint_features`` is compared
+                with, in the same order (empty: the same names).
             hint_weight: gamma, weight of the hint loss.
             hint_norm: "l2" or "l1".
             kwargs: :class:`Distiller` arguments.
@@ -141,7 +144,15 @@ class Chen2017Distiller(Distiller):
         self.rcn_bounded_reg = rcn_bounded_reg
         self.hint_weight = hint_weight
         self.hint_norm = hint_norm
-        self._check_compatible(hint_features)
+        if hint_teacher_features and len(hint_teacher_features) != len(hint_features):
+            raise ValueError(
+                f"KD.CHEN2017.HINT.TEACHER_FEATURES {list(hint_teacher_features)} must name one "
+                f"teacher feature per KD.CHEN2017.HINT.FEATURES {list(hint_features)} (or be "
+                "empty: the same names)"
+            )
+        # student feature -> the teacher feature it is compared with
+        self.hint_pairs = dict(zip(hint_features, hint_teacher_features or hint_features))
+        self._check_compatible(self.hint_pairs)
         self.hint_features = tuple(hint_features)
         self.hint_adapters = None
         if self.hint_features:
@@ -150,7 +161,7 @@ class Chen2017Distiller(Distiller):
             self.hint_adapters = HintAdapters(
                 list(self.hint_features),
                 {k: s_shapes[k].channels for k in self.hint_features},
-                {k: t_shapes[k].channels for k in self.hint_features},
+                {k: t_shapes[t].channels for k, t in self.hint_pairs.items()},
             ).to(self.student.device)
 
     @classmethod
@@ -168,13 +179,14 @@ class Chen2017Distiller(Distiller):
             rcn_soft_cls=c.RCN_SOFT_CLS,
             rcn_bounded_reg=c.RCN_BOUNDED_REG,
             hint_features=tuple(c.HINT.FEATURES) if c.HINT.ENABLED else (),
+            hint_teacher_features=tuple(c.HINT.TEACHER_FEATURES) if c.HINT.ENABLED else (),
             hint_weight=c.HINT.WEIGHT,
             hint_norm=c.HINT.NORM,
         )
         return kwargs
 
     # ------------------------------------------------------------------ checks
-    def _check_compatible(self, hint_features) -> None:
+    def _check_compatible(self, hint_pairs: Dict[str, str]) -> None:
         s, t = self.student, self.teacher
         for who, m in (("student", s), ("teacher", t)):
             if not isinstance(getattr(m, "roi_heads", None), StandardROIHeads) or isinstance(
@@ -219,11 +231,14 @@ class Chen2017Distiller(Distiller):
                     "them or switch the RPN terms off"
                 )
         s_shapes, t_shapes = s.backbone.output_shape(), t.backbone.output_shape()
-        missing = [f for f in hint_features if f not in s_shapes or f not in t_shapes]
+        missing = [f for f in hint_pairs if f not in s_shapes] + [
+            t for t in hint_pairs.values() if t not in t_shapes
+        ]
         if missing:
             raise ValueError(
-                f"KD.CHEN2017.HINT.FEATURES {missing} are not outputs of both backbones "
-                f"(student: {sorted(s_shapes)}, teacher: {sorted(t_shapes)})"
+                f"KD.CHEN2017.HINT.FEATURES / TEACHER_FEATURES {sorted(set(missing))} are not "
+                f"outputs of the backbones (student: {sorted(s_shapes)}, teacher: "
+                f"{sorted(t_shapes)})"
             )
         if s.roi_heads.num_classes != t.roi_heads.num_classes:
             raise ValueError("teacher and student ROI heads predict different class counts")
@@ -407,8 +422,8 @@ class Chen2017Distiller(Distiller):
     def _hint(self, features, t_features) -> torch.Tensor:
         terms = [
             hint_loss(
-                self.hint_adapters(name, features[name], t_features[name]),
-                t_features[name],
+                self.hint_adapters(name, features[name], t_features[self.hint_pairs[name]]),
+                t_features[self.hint_pairs[name]],
                 norm=self.hint_norm,
             )
             for name in self.hint_features
