@@ -5,7 +5,7 @@ import math
 import os
 import shutil
 
-from conftest import TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, load_script
+from conftest import REPO, TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, load_script
 
 
 def test_summarize_means_stds_and_paired_gain():
@@ -133,25 +133,25 @@ def test_plan_method_filter_words_and_exact_titles(tmp_path):
     ]
 
 
-def test_benchmark_kd_reports_overhead(datasets_root):
+def test_benchmark_kd_reports_overhead(datasets_root, tmp_path):
     bk = load_script("tools/benchmark_kd.py")
     out = datasets_root / "bench.json"
+    # The teacher config under another name, so that no benchmark-trained teacher stands in.
+    teacher = tmp_path / "teacher.yaml"
+    teacher.write_text(build_cfg("configs/kd_shapes/faster_rcnn_teacher.yaml", []).dump())
     bk.main(
         [
-            "--configs",
-            "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml",
-            "--iters",
-            "1",
-            "--repeats",
-            "1",
-            "--json",
-            str(out),
+            "--configs", "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml",
+            "--iters", "1",
+            "--repeats", "1",
+            "--json", str(out),
             *TINY_RCNN_OPTS,
+            "KD.TEACHER.CONFIG_FILE", str(teacher),
         ]
-    )
+    )  # fmt: skip
     row = json.loads(out.read_text())["rows"][0]
     t = row["seconds"]
-    assert row["random_teacher"]  # the configured teacher file does not exist in tests
+    assert row["random_teacher"] and row["teacher"] == "random"  # no teacher file in tests
     assert math.isclose(row["floor"], t["student"] + t["teacher"])
     assert math.isclose(row["overhead"], t["kd"] / row["floor"])
     assert row["overhead_range"] == [row["overhead"], row["overhead"]]  # one round
@@ -190,6 +190,44 @@ def test_benchmark_kd_times_the_point_decoding(datasets_root, tmp_path):
     assert math.isclose(row["floor_forward"], t["student"] + t["teacher"] + t["points"])
     assert math.isclose(row["overhead_forward"], t["kd"] / row["floor_forward"])
     assert set(row["peak_memory_mb"]) == {"student", "teacher", "kd", "points", "points+bwd"}
+    assert set(row["page_faults"]) == set(row["peak_memory_mb"])
+    assert all(v >= 0 for v in row["page_faults"].values())
+
+
+def test_benchmark_kd_suites_and_the_benchmark_trained_teacher(tmp_path):
+    """``--suite`` lists every method's config; a missing teacher file is replaced by the one
+    tools/benchmark_table.py trains from the same teacher config, when it exists."""
+    bk = load_script("tools/benchmark_kd.py")
+    for suite in ("kd_shapes", "bccd"):
+        configs = bk.SUITE_CONFIGS[suite]
+        assert len(configs) == 7 and all((REPO / c).is_file() for c in configs)
+        assert all(c.startswith(f"configs/{suite}/") for c in configs)
+    # Where `benchmark_table.py --suite bccd` (and the kd_shapes suite) write their teachers.
+    assert bk.benchmark_teacher("configs/bccd/detr_teacher.yaml") == (
+        "output/bccd_benchmark/teachers/detr/model_final.pth"
+    )
+    assert bk.benchmark_teacher(str(REPO / "configs/bccd/faster_rcnn_teacher.yaml")) == (
+        "output/bccd_benchmark/teachers/faster_rcnn/model_final.pth"
+    )
+    assert bk.benchmark_teacher("configs/kd_shapes/fcos_teacher.yaml") == (
+        "output/benchmark/teachers/fcos/model_final.pth"
+    )
+    assert bk.benchmark_teacher("configs/bccd/detr_student.yaml") is None
+    assert bk.benchmark_teacher(str(tmp_path / "detr_teacher.yaml")) is None
+
+    cfg = bk.load_config(
+        str(REPO / "configs/bccd/detr_kd_detr.yaml"),
+        ["KD.TEACHER.WEIGHTS", str(tmp_path / "missing.pth")],
+        "cpu",
+    )
+    trained = tmp_path / "model_final.pth"
+    # The configured file is missing and the trained one exists: it is used.
+    trained.write_bytes(b"")
+    assert bk.ensure_teacher_weights(cfg, str(tmp_path), str(trained)) == "benchmark"
+    assert cfg.KD.TEACHER.WEIGHTS == str(trained)
+    # The configured file exists: it is kept.
+    assert bk.ensure_teacher_weights(cfg, str(tmp_path), "elsewhere.pth") == "configured"
+    assert cfg.KD.TEACHER.WEIGHTS == str(trained)
 
 
 def test_benchmark_kd_overhead_is_the_median_of_per_round_ratios():

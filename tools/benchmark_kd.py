@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """What distillation costs per training iteration, measured in one process on the same batches.
 
-    python tools/benchmark_kd.py [--configs A.yaml B.yaml ...] [--iters 10] [--repeats 3]
-        [--device cpu|cuda] [--amp] [--json OUT.json] [KEY VALUE ...]
+    python tools/benchmark_kd.py [--suite kd_shapes|bccd] [--configs A.yaml B.yaml ...]
+        [--iters 8] [--repeats 3] [--device cpu|cuda] [--amp] [--json OUT.json] [KEY VALUE ...]
+
+``--suite`` picks the default configs: every method of ``configs/kd_shapes`` (the default) or of
+``configs/bccd`` (larger images: 640x480 teachers); ``--configs`` names them instead.
 
 For each distiller config it times, on identical batches:
 
@@ -34,17 +37,26 @@ allocated memory of each phase; on CPU the growth of the process's resident memo
 millisecond) during the student's first iteration, and during the distiller's first iteration
 after it: what KD needs beyond the student alone (the allocator keeps freed memory, so later
 phases cannot be told apart, and only the first config of a run gives a figure: measure memory
-one config per process).
+one config per process). Page faults: each phase's minor page faults per iteration (median
+over rounds), the pages it had to take fresh from the system (``page_faults`` in the JSON). They
+hardly depend on the machine's load, unlike times: a KD step that faults more than its floor's
+phases together pays for memory that the phases alone reuse (``docs/cost.md``, KD-DETR).
 
-Teacher weights: when ``KD.TEACHER.WEIGHTS`` does not exist, a randomly initialised teacher is
-saved to a temporary file and used; timing does not depend on what the weights are.
+Teacher weights: when ``KD.TEACHER.WEIGHTS`` does not exist, the teacher that
+``tools/benchmark_table.py`` trains from the same teacher config (``OUTPUT/teachers/FAMILY/
+model_final.pth`` in the suite's default output folder) is used if it exists, else a randomly
+initialised teacher, saved to a temporary file; each config's line says which. Most methods' cost
+does not depend on the weights, but GID's instance selection follows the teacher's predictions, so
+a trained teacher gives its realistic cost.
 Run with ``OMP_NUM_THREADS`` set to the cores the process may use, and nothing else running.
 """
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -57,15 +69,20 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-DEFAULT_CONFIGS = [
-    "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml",
-    "configs/kd_shapes/faster_rcnn_kd_gid.yaml",
-    "configs/kd_shapes/retinanet_kd_gid.yaml",
-    "configs/kd_shapes/fcos_kd_gid.yaml",
-    "configs/kd_shapes/detr_kd_detr.yaml",
-    "configs/kd_shapes/hetero_detr_to_faster_rcnn.yaml",
-    "configs/kd_shapes/hetero_faster_rcnn_to_detr.yaml",
+METHOD_CONFIGS = [
+    "faster_rcnn_kd_chen2017.yaml",
+    "faster_rcnn_kd_gid.yaml",
+    "retinanet_kd_gid.yaml",
+    "fcos_kd_gid.yaml",
+    "detr_kd_detr.yaml",
+    "hetero_detr_to_faster_rcnn.yaml",
+    "hetero_faster_rcnn_to_detr.yaml",
 ]
+# --suite -> the default configs: every method, in the same order for both suites.
+SUITE_CONFIGS = {
+    suite: [os.path.join("configs", suite, name) for name in METHOD_CONFIGS]
+    for suite in ("kd_shapes", "bccd")
+}
 
 
 def load_config(path: str, opts: List[str], device: str):
@@ -85,22 +102,43 @@ def load_config(path: str, opts: List[str], device: str):
     return cfg
 
 
-def ensure_teacher_weights(cfg, tmpdir: str) -> Optional[str]:
-    """Point ``KD.TEACHER.WEIGHTS`` at a random teacher when the configured file is missing.
+def benchmark_teacher(teacher_config: str) -> Optional[str]:
+    """The weights ``tools/benchmark_table.py`` trains from this teacher config (which may not
+    exist yet), or None when its suites train no teacher from it (see ``trained_teacher`` there).
+    """
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_table", os.path.join(ROOT, "tools", "benchmark_table.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.trained_teacher(teacher_config)
+
+
+def ensure_teacher_weights(cfg, tmpdir: str, trained: Optional[str] = None) -> str:
+    """Make ``KD.TEACHER.WEIGHTS`` an existing file: the configured one, else ``trained`` when it
+    exists, else a randomly initialised teacher saved in ``tmpdir``.
+
+    Args:
+        cfg: the distiller's config; ``KD.TEACHER.WEIGHTS`` is changed unless it exists.
+        tmpdir: where a random teacher is written.
+        trained: the benchmark's trained teacher for this config (:func:`benchmark_teacher`).
 
     Returns:
-        The path written, or None when the configured weights exist.
+        Which weights are used: "configured", "benchmark" (``trained``) or "random".
     """
     from kd.teacher import build_teacher_model
 
     if os.path.isfile(cfg.KD.TEACHER.WEIGHTS):
-        return None
+        return "configured"
+    if trained and os.path.isfile(trained):
+        cfg.KD.TEACHER.WEIGHTS = trained
+        return "benchmark"
     torch.manual_seed(0)
     teacher, _ = build_teacher_model(cfg)  # yacs or LazyConfig teacher
     path = os.path.join(tmpdir, f"random_teacher_{abs(hash(cfg.KD.TEACHER.CONFIG_FILE))}.pth")
     torch.save({"model": {k: v.cpu() for k, v in teacher.state_dict().items()}}, path)
     cfg.KD.TEACHER.WEIGHTS = path
-    return path
+    return "random"
 
 
 def fixed_batches(cfg, count: int) -> List[List[dict]]:
@@ -151,24 +189,34 @@ class PeakMemory:
             self.peak = max(self._high, self._rss()) - self._base
 
 
+def minor_page_faults() -> int:
+    """The process's minor page faults so far: pages it touched fresh from the system."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(
     fn: Callable[[int], None],
     indices: Sequence[int],
     device: str,
     memory: Dict[str, int],
     name: str,
+    faults: Optional[Dict[str, List[float]]] = None,
 ) -> float:
     """Seconds per batch of ``fn`` (a function of the batch's index) over ``indices``; records the
-    phase's peak memory."""
+    phase's peak memory, and its minor page faults per batch into ``faults[name]`` if given."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with PeakMemory(device) as mem:
         sync()
+        faulted = minor_page_faults()
         start = time.perf_counter()
         for i in indices:
             fn(i)
         sync()
         elapsed = time.perf_counter() - start
+        faulted = minor_page_faults() - faulted
     memory[name] = max(memory.get(name, 0), mem.peak)
+    if faults is not None:
+        faults.setdefault(name, []).append(faulted / len(indices))
     return elapsed / len(indices)
 
 
@@ -179,7 +227,8 @@ def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
     from kd.engine import build_optimizer
 
     cfg = load_config(path, args.opts, args.device)
-    random_teacher = ensure_teacher_weights(cfg, tmpdir)
+    teacher = ensure_teacher_weights(cfg, tmpdir, benchmark_teacher(cfg.KD.TEACHER.CONFIG_FILE))
+    print(f"[benchmark_kd] teacher weights ({teacher}): {cfg.KD.TEACHER.WEIGHTS}", flush=True)
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
     distiller = build_model(cfg)
     distiller.train()
@@ -247,17 +296,21 @@ def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
                 decoders.extend(prepare(batch) for batch in batches)
         timed(phases[name], range(1), args.device, memory, name)
     times: Dict[str, List[float]] = {name: [] for name in phases}
+    faults: Dict[str, List[float]] = {}
     for _ in range(args.repeats):
         for name, fn in phases.items():
-            times[name].append(timed(fn, range(len(batches)), args.device, memory, name))
+            times[name].append(timed(fn, range(len(batches)), args.device, memory, name, faults))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     row = {
         "config": os.path.relpath(path, ROOT),
         "method": cfg.MODEL.META_ARCHITECTURE,
-        "random_teacher": random_teacher is not None,
+        "teacher": teacher,
+        "teacher_weights": cfg.KD.TEACHER.WEIGHTS if teacher != "random" else None,
+        "random_teacher": teacher == "random",
         "seconds": med,
         "rounds": times,
         "peak_memory_mb": {k: v / 2**20 for k, v in memory.items()},
+        "page_faults": {k: statistics.median(v) for k, v in faults.items()},
     }
     row.update(ratio_to_floor(times, "points+bwd" if "points" in times else None))
     if "points" in times:
@@ -335,7 +388,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         "--configs",
         nargs="+",
         default=None,
-        help="distiller configs (default: every kd_shapes method that exists)",
+        help="distiller configs (default: every method of --suite whose config exists)",
+    )
+    parser.add_argument(
+        "--suite",
+        choices=sorted(SUITE_CONFIGS),
+        default="kd_shapes",
+        help="the default configs: configs/kd_shapes (default) or configs/bccd",
     )
     parser.add_argument("--iters", type=int, default=8, help="batches per timed phase")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per phase")
@@ -352,7 +411,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     import kd  # noqa: F401  (registers the distillers and the datasets)
     from kd.data import validate_datasets
 
-    configs = args.configs or [c for c in DEFAULT_CONFIGS if os.path.isfile(c)]
+    configs = args.configs or [c for c in SUITE_CONFIGS[args.suite] if os.path.isfile(c)]
     rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         for path in configs:
@@ -363,7 +422,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 row = benchmark_config(path, args, tmpdir)
             print(
                 f"[benchmark_kd] {path}: overhead {row['overhead']:.3f} "
-                f"({json.dumps({k: round(v, 4) for k, v in row['seconds'].items()})})",
+                f"({json.dumps({k: round(v, 4) for k, v in row['seconds'].items()})}); minor "
+                f"page faults per iteration {json.dumps(row['page_faults'])}",
                 flush=True,
             )
             rows.append(row)

@@ -240,6 +240,36 @@ SUITES = {
 }
 
 
+def teacher_dir(output: str, family: str) -> str:
+    """The folder a benchmark trains a family's teacher in (``model_final.pth`` when finished).
+
+    Args:
+        output: the benchmark's output folder.
+        family: the family's name (a key of the suite's families).
+    """
+    return os.path.join(output, "teachers", family)
+
+
+def trained_teacher(teacher_config: str) -> Optional[str]:
+    """The weights a suite's benchmark trains from a teacher config, in the suite's default
+    output folder (``OUTPUT/teachers/FAMILY/model_final.pth``, relative to the repository), or
+    None when no suite trains a teacher from that config. The file may not exist (yet).
+
+    Args:
+        teacher_config: a teacher's config file (``KD.TEACHER.CONFIG_FILE``), relative to the
+            repository or absolute, e.g. ``configs/bccd/detr_teacher.yaml``.
+    """
+    path = os.path.relpath(os.path.abspath(os.path.join(ROOT, teacher_config)), ROOT)
+    folder, name = os.path.split(path)
+    for suite in SUITES.values():
+        if os.path.normpath(suite.configs) != folder:
+            continue
+        for family in suite.families.values():
+            if family.teacher == name:
+                return os.path.join(teacher_dir(suite.output, family.name), "model_final.pth")
+    return None
+
+
 def suite_of(run_or_args) -> Suite:
     """The suite of a planned run (its "suite" entry) or of parsed arguments (``suite``)."""
     if isinstance(run_or_args, dict):
@@ -351,9 +381,6 @@ def plan(args) -> List[dict]:
         given = args.teacher_iters if teacher else args.student_iters
         return given or (family.teacher_iters if teacher else family.student_iters)
 
-    def teacher_dir(name: str) -> str:
-        return os.path.join(args.output, "teachers", name)
-
     runs = []
     for name in sorted(teachers):
         fam = suite.families[name]
@@ -364,7 +391,7 @@ def plan(args) -> List[dict]:
                 family=name,
                 title="teacher",
                 config=fam.teacher,
-                out=teacher_dir(name),
+                out=teacher_dir(args.output, name),
                 iters=iters(fam, True),
                 opts=[],
             )
@@ -385,7 +412,9 @@ def plan(args) -> List[dict]:
                 )
             )
             for m in (m for m in methods if m.family == fam.name):
-                t = os.path.join(teacher_dir(m.teacher_family or fam.name), "model_final.pth")
+                t = os.path.join(
+                    teacher_dir(args.output, m.teacher_family or fam.name), "model_final.pth"
+                )
                 runs.append(
                     dict(
                         suite=suite.name,
@@ -526,7 +555,7 @@ def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = No
     rows = []
 
     def teacher_ap(family: str) -> str:
-        t_dir = os.path.join(output, "teachers", family)
+        t_dir = teacher_dir(output, family)
         return f"{finished[t_dir]['AP']:.2f}" if t_dir in finished else "-"
 
     for fam in dict.fromkeys(r["family"] for r in runs if r["kind"] != "teacher"):
