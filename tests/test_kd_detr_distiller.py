@@ -127,6 +127,53 @@ def test_both_models_answer_the_same_points_new_ones_every_step(teacher, tmp_pat
     assert torch.equal(t_calls[-1][0][1][0].anchors, t_calls[-2][0][1][0].anchors)
 
 
+def test_teacher_encodes_first_with_the_results_of_the_student_first_order(
+    teacher, tmp_path, batch
+):
+    """The KD step encodes with the teacher before the student's forward (less fresh memory a
+    step); its losses and gradients equal, bit for bit, the step in the order that makes the
+    teacher wait for the student's detection pass, written out here."""
+    from kd.modeling.detr import QueryGroup
+
+    model = build(teacher, tmp_path)
+    order = []
+    for who in ("teacher", "student"):
+        encode = getattr(model, who).encode
+        object.__setattr__(
+            getattr(model, who), "encode", lambda x, f=encode, w=who: order.append(w) or f(x)
+        )
+    torch.manual_seed(5)
+    losses = model(batch)
+    assert order == ["teacher", "student"]
+    sum(losses[k] for k in sorted(losses)).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(5)
+    student, t_model = model.student, model.teacher
+    s_inputs = model.student_inputs(batch)
+    encoded = student.encode(s_inputs)
+    expected = student.forward_encoded(encoded, s_inputs)  # denoising draws its noise first
+    with torch.no_grad():
+        t_encoded = t_model.encode(model.teacher_inputs(batch))
+        points = [torch.rand(2, NUM_GENERAL, 4), t_encoded.anchors.clone()]  # general, specific
+        t_out = t_model.decode_groups(t_encoded, [QueryGroup(p) for p in points])
+    s_out = student.decode_groups(encoded, [QueryGroup(p) for p in points])
+    expected.update(
+        model.distillation_losses(
+            dict(zip([GENERAL, SPECIFIC], s_out)), dict(zip([GENERAL, SPECIFIC], t_out))
+        )
+    )
+    assert sorted(losses) == sorted(expected)
+    for k in losses:
+        assert torch.equal(losses[k], expected[k]), k
+    sum(expected[k] for k in sorted(expected)).backward()
+    reached = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert sorted(reached) == sorted(grads) and len(grads) > 50
+    for name, grad in reached.items():
+        assert torch.equal(grad, grads[name]), name
+
+
 def test_learned_teacher_content_for_specific_points(teacher, tmp_path, batch):
     model = build(teacher, tmp_path, "KD.KD_DETR.SPECIFIC_TEACHER_CONTENT", "learned")
     t_calls = []
