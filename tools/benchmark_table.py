@@ -164,6 +164,26 @@ BCCD_METHODS = [
     Method(
         "Chen et al. 2017 (low-resolution student)", "faster_rcnn", "faster_rcnn_kd_chen2017.yaml"
     ),
+    # Two variants of its hint, the term that compares maps of different scales here: at half
+    # the resolution an object covers on the student's p_l the cells it covers on the teacher's
+    # p_(l+1), while the default compares p_l with p_l (resized).
+    Method(
+        "Chen et al. 2017, hints at equal map size",
+        "faster_rcnn",
+        "faster_rcnn_kd_chen2017.yaml",
+        (
+            "KD.CHEN2017.HINT.FEATURES",
+            "['p3', 'p4', 'p5']",
+            "KD.CHEN2017.HINT.TEACHER_FEATURES",
+            "['p4', 'p5', 'p6']",
+        ),
+    ),
+    Method(
+        "Chen et al. 2017 without hints",
+        "faster_rcnn",
+        "faster_rcnn_kd_chen2017.yaml",
+        ("KD.CHEN2017.HINT.ENABLED", "False"),
+    ),
     Method("GID", "faster_rcnn", "faster_rcnn_kd_gid.yaml"),
     Method(
         "DETR teacher (heterogeneous)",
