@@ -20,6 +20,15 @@ pytestmark = pytest.mark.usefixtures("event_storage")
 
 KD_CONFIG = "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml"
 STUDENT_CONFIG = "configs/kd_shapes/faster_rcnn_student.yaml"
+# A student at half the teacher's input size; the RPN terms need equal sizes.
+LOW_RESOLUTION = [
+    "KD.STUDENT.INPUT_SCALE",
+    "0.5",
+    "KD.CHEN2017.RPN_SOFT_CLS",
+    "False",
+    "KD.CHEN2017.RPN_BOUNDED_REG",
+    "False",
+]
 
 
 @pytest.fixture(scope="module")
@@ -145,16 +154,7 @@ def test_eval_mode_is_exactly_the_student(tiny_teacher, tmp_path, batch):
 
 
 def test_low_resolution_student(tiny_teacher, tmp_path, batch):
-    model = build(
-        tiny_teacher,
-        tmp_path,
-        "KD.STUDENT.INPUT_SCALE",
-        "0.5",
-        "KD.CHEN2017.RPN_SOFT_CLS",
-        "False",
-        "KD.CHEN2017.RPN_BOUNDED_REG",
-        "False",
-    )
+    model = build(tiny_teacher, tmp_path, *LOW_RESOLUTION)
     model.train()
     small = model.student_inputs(batch)
     assert small[0]["image"].shape[-2:] == (32, 32)
@@ -177,16 +177,7 @@ def test_low_resolution_pixels_equal_the_loaders_resize(tiny_teacher, tmp_path):
     gray levels."""
     from detectron2.data.transforms import ResizeTransform
 
-    model = build(
-        tiny_teacher,
-        tmp_path,
-        "KD.STUDENT.INPUT_SCALE",
-        "0.5",
-        "KD.CHEN2017.RPN_SOFT_CLS",
-        "False",
-        "KD.CHEN2017.RPN_BOUNDED_REG",
-        "False",
-    )
+    model = build(tiny_teacher, tmp_path, *LOW_RESOLUTION)
     hwc = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
     image = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
     small = model.student_inputs([{"image": image, "height": 48, "width": 64}])[0]["image"]
@@ -202,8 +193,7 @@ def test_hint_pairs_student_levels_with_other_teacher_levels(tiny_teacher, tmp_p
     levels."""
     import torch.nn.functional as F
 
-    opts = ["KD.STUDENT.INPUT_SCALE", "0.5", "KD.CHEN2017.RPN_SOFT_CLS", "False"]
-    opts += ["KD.CHEN2017.RPN_BOUNDED_REG", "False", "KD.CHEN2017.HINT.FEATURES", "['p3', 'p4']"]
+    opts = [*LOW_RESOLUTION, "KD.CHEN2017.HINT.FEATURES", "['p3', 'p4']"]
     model = build(
         tiny_teacher, tmp_path, *opts, "KD.CHEN2017.HINT.TEACHER_FEATURES", "['p4', 'p5']"
     )
