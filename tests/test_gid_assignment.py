@@ -193,6 +193,81 @@ def test_per_level_adapters_each_get_gradients():
         assert has_grad == (level in used)
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_fast_roi_align_gradient_equals_torchvision(aligned, sampling_ratio):
+    """kd.roi_align's ROIAlign: torchvision's forward to the bit, and the input gradient of
+    torchvision's own backward (up to float rounding), on rois of every size, also partly or
+    wholly outside the map and degenerate, in float32 and float64."""
+    from detectron2.layers import ROIAlign
+    from torchvision.ops import roi_align
+
+    from kd.roi_align import ROIAlignFastGrad, with_fast_roi_align_grad
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(3, 5, 12, 17, dtype=dtype, generator=gen)
+        # Image coordinates at scale 1/4: the map covers 68 x 48.
+        xy = torch.rand(60, 2, generator=gen) * torch.tensor([90.0, 64]) - torch.tensor([10, 8])
+        wh = torch.rand(60, 2, generator=gen) ** 3 * torch.tensor([80.0, 60])
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        boxes[0] = torch.tensor([10.0, 10, 10, 30])  # zero width
+        boxes[1] = torch.tensor([-30.0, -30, -20, -20])  # outside the map
+        rois = torch.cat([torch.randint(3, (60, 1), generator=gen), boxes], dim=1).to(dtype)
+        grad = torch.randn(60, 5, 3, 4, dtype=dtype, generator=gen)
+        expected = {}
+        for name, layer in (
+            ("torchvision", ROIAlign((3, 4), 0.25, sampling_ratio, aligned)),
+            ("fast", ROIAlignFastGrad((3, 4), 0.25, sampling_ratio, aligned)),
+        ):
+            inp = x.clone().requires_grad_()
+            out = layer(inp, rois)
+            out.backward(grad)
+            expected[name] = (out.detach(), inp.grad)
+        ref = roi_align(x, rois, (3, 4), 0.25, sampling_ratio, aligned)
+        assert torch.equal(expected["fast"][0], ref)
+        assert torch.equal(expected["torchvision"][0], ref)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(
+            expected["fast"][1], expected["torchvision"][1], rtol=tol, atol=tol
+        )
+    # Only detectron2's ROIAlign layers are replaced, with the same settings.
+    layers = with_fast_roi_align_grad(torch.nn.ModuleList([ROIAlign((3, 4), 0.5, 0, aligned)]))
+    assert type(layers[0]) is ROIAlignFastGrad
+    assert (layers[0].output_size, layers[0].spatial_scale, layers[0].aligned) == (
+        (3, 4),
+        0.5,
+        aligned,
+    )
+
+
+def test_gid_pooler_gradient_equals_detectron2_pooler():
+    """GID's pooler (the fast-gradient ROIAlign) against detectron2's own ROIPooler of the same
+    settings: equal pooled features, and equal gradients of every FPN level."""
+    from detectron2.modeling.poolers import ROIPooler
+
+    gid = _pair("retinanet", *GID_56).gid
+    ref = ROIPooler(
+        output_size=10,
+        scales=[1 / s for s in (4, 8, 16, 32, 64)],
+        sampling_ratio=0,
+        pooler_type="ROIAlignV2",
+        canonical_box_size=56,
+    )
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 32, 128 // s, 128 // s) for s in (4, 8, 16, 32, 64)]
+    boxes = [_boxes([0, 0, 20, 20], [3, 5, 60, 70], [10, 0, 128, 100]), _boxes([7, 9, 30, 27])]
+    results = []
+    for pooler in (gid.pooler, ref):
+        inputs = [f.clone().requires_grad_() for f in feats]
+        out = pooler(inputs, boxes)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        results.append((out.detach(), [i.grad for i in inputs]))
+    assert torch.equal(results[0][0], results[1][0])
+    for fast, expected in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("counts", [[4, 4, 4], [4, 2, 5, 3]])
 def test_relation_loss_is_the_mean_over_images_with_enough_instances(counts):
     """Equal counts take the batched pass, unequal ones the per-image one: both are the mean of
@@ -227,6 +302,78 @@ def test_selection_clips_and_drops_boxes_outside_the_image():
     s_boxes = torch.tensor([[[0.0, 0, 5, 5], [0, 0, 5, 5], [0, 0, 30, 30]]])
     (boxes,) = distiller.gid.select(t_probs, s_probs, t_boxes, s_boxes, [(64, 64)])
     assert boxes.tensor.tolist() == [[50, 50, 64, 64], [0, 0, 30, 30]]
+
+
+@pytest.mark.parametrize("agreeing", [False, True])
+@pytest.mark.parametrize("candidates", [10, 40, 200, 999, 5000])
+def test_selection_among_the_best_candidates_equals_selection_among_all(
+    candidates, agreeing, monkeypatch
+):
+    """GISM first selects among each image's best-scoring predictions (GeneralInstanceDistillation
+    .candidates), decoding only their boxes, and over all predictions when that cannot decide:
+    the GI boxes are those of the selection over every prediction (written out here as it ran
+    before), to the bit, with ties in the scores and boxes lying outside the image."""
+    from detectron2.modeling.box_regression import Box2BoxTransform
+
+    from kd.losses.gid import select_general_instances_batched
+    from kd.meta_arch.gid import _decode
+
+    gid = _pair("retinanet", *GID_56).gid
+    gen = torch.Generator().manual_seed(3)
+    n, r = 3, 1000
+    t_probs = torch.rand(n, r, 2, generator=gen)
+    s_probs = torch.rand(n, r, 2, generator=gen)
+    # Equal scores: a block of exact ties (also across the candidates' boundary), and maybe an
+    # image whose predictions nearly all agree (score 0), which needs every prediction.
+    t_probs[0, 100:400] = s_probs[0, 100:400] + 0.25
+    if agreeing:
+        t_probs[2, 20:] = s_probs[2, 20:]
+    xy = torch.rand(r, 2, generator=gen) * 120 - 20
+    anchors = torch.cat([xy, xy + 4 + torch.rand(r, 2, generator=gen) * 40], dim=1)
+    transform = Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0))
+    t_deltas = torch.randn(n, r, 4, generator=gen) * 0.3
+    s_deltas = torch.randn(n, r, 4, generator=gen) * 0.3
+    sizes = [(64, 96), (80, 80), (64, 64)]
+
+    # Before: every box decoded, clipped, and GISM over all of them.
+    def decode_all(deltas):
+        return transform.apply_deltas(deltas.reshape(-1, 4), anchors.repeat(n, 1)).view(n, r, 4)
+
+    upper = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=torch.float32)[:, None]
+    expected = select_general_instances_batched(
+        t_probs,
+        s_probs,
+        torch.min(decode_all(t_deltas).clamp(min=0), upper),
+        torch.min(decode_all(s_deltas).clamp(min=0), upper),
+        top_k=gid.top_k,
+        nms_iou=gid.nms_thresh,
+    )
+    gid.candidates = candidates
+    passes = []
+    select_at = type(gid)._select_at
+
+    def spy(self, index, *args):
+        passes.append(None if index is None else index.shape[1])
+        return select_at(self, index, *args)
+
+    monkeypatch.setattr(type(gid), "_select_at", spy)
+    lazy = gid.select(
+        t_probs,
+        s_probs,
+        lambda index: _decode(transform, t_deltas, anchors, index),
+        lambda index: _decode(transform, s_deltas, anchors, index),
+        sizes,
+    )
+    eager = gid.select(t_probs, s_probs, decode_all(t_deltas), decode_all(s_deltas), sizes)
+    for (boxes, _, _), got, got_eager in zip(expected, lazy, eager):
+        assert len(boxes) == gid.top_k
+        assert torch.equal(got.tensor, boxes) and torch.equal(got_eager.tensor, boxes)
+    # Among the best 200 the selection is decided, unless an image's scores are nearly all 0:
+    # then 4 x 200, then all of them.
+    if candidates == 200:
+        assert passes == ([200, 800, None] * 2 if agreeing else [200] * 2)
+    if candidates >= r:
+        assert passes == [None] * 2
 
 
 # ---------------------------------------------------------------- construction checks
