@@ -53,6 +53,7 @@ Run with ``OMP_NUM_THREADS`` set to the cores the process may use, and nothing e
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -102,16 +103,22 @@ def load_config(path: str, opts: List[str], device: str):
     return cfg
 
 
-def benchmark_teacher(teacher_config: str) -> Optional[str]:
-    """The weights ``tools/benchmark_table.py`` trains from this teacher config (which may not
-    exist yet), or None when its suites train no teacher from it (see ``trained_teacher`` there).
-    """
+@functools.lru_cache(maxsize=None)
+def _benchmark_table():
+    """``tools/benchmark_table.py`` as a module (a script, not a package), loaded once."""
     spec = importlib.util.spec_from_file_location(
         "benchmark_table", os.path.join(ROOT, "tools", "benchmark_table.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.trained_teacher(teacher_config)
+    return module
+
+
+def benchmark_teacher(teacher_config: str) -> Optional[str]:
+    """The weights ``tools/benchmark_table.py`` trains from this teacher config (which may not
+    exist yet), or None when its suites train no teacher from it (see ``trained_teacher`` there).
+    """
+    return _benchmark_table().trained_teacher(teacher_config)
 
 
 def ensure_teacher_weights(cfg, tmpdir: str, trained: Optional[str] = None) -> str:

@@ -25,7 +25,9 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Sequence
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "projects"))
+sys.path.insert(0, ROOT)  # train_net.load_config: the config exactly as a run reads it
 
 
 def loss_values(config_file: str, opts: Sequence[str], batches: int) -> Dict[str, List[float]]:
@@ -42,22 +44,17 @@ def loss_values(config_file: str, opts: Sequence[str], batches: int) -> Dict[str
     import tempfile
 
     import torch
-    from detectron2.config import get_cfg
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
-    import kd  # noqa: F401  (registers the distillers and datasets)
     from kd.checkpoint import KDCheckpointer
-    from kd.config import add_kd_config, merge_config
     from kd.data import validate_datasets
     from kd.engine import Trainer
+    from train_net import load_config
 
-    cfg = get_cfg()
-    add_kd_config(cfg)
-    merge_config(cfg, config_file, list(opts))
     # The teacher's AP is not what this tool measures (and costs a pass over the test set).
-    cfg.KD.TEACHER.EVALUATE = False
-    cfg.freeze()
+    opts = [*opts, "KD.TEACHER.EVALUATE", "False"]
+    cfg = load_config(argparse.Namespace(config_file=config_file, opts=opts))
     validate_datasets(list(cfg.DATASETS.TRAIN))
     # As detectron2's default_setup: the same SEED gives the same initial model and batches.
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)

@@ -153,14 +153,13 @@ class Chen2017Distiller(Distiller):
         # student feature -> the teacher feature it is compared with
         self.hint_pairs = dict(zip(hint_features, hint_teacher_features or hint_features))
         self._check_compatible(self.hint_pairs)
-        self.hint_features = tuple(hint_features)
         self.hint_adapters = None
-        if self.hint_features:
+        if self.hint_pairs:
             s_shapes = self.student.backbone.output_shape()
             t_shapes = self.teacher.backbone.output_shape()
             self.hint_adapters = HintAdapters(
-                list(self.hint_features),
-                {k: s_shapes[k].channels for k in self.hint_features},
+                list(self.hint_pairs),
+                {k: s_shapes[k].channels for k in self.hint_pairs},
                 {k: t_shapes[t].channels for k, t in self.hint_pairs.items()},
             ).to(self.student.device)
 
@@ -278,7 +277,7 @@ class Chen2017Distiller(Distiller):
         )
         losses.update(rpn_losses)
         losses.update(self._rcn(features, proposals, gt_instances, t_features, need_rcn))
-        if self.hint_features:
+        if self.hint_pairs:
             losses[PREFIX + "hint"] = self.hint_weight * self._hint(features, t_features)
         steps = Chen2017Steps(images, gt_instances, features, t_features, rpn_outputs)
         return losses, steps
@@ -422,11 +421,11 @@ class Chen2017Distiller(Distiller):
     def _hint(self, features, t_features) -> torch.Tensor:
         terms = [
             hint_loss(
-                self.hint_adapters(name, features[name], t_features[self.hint_pairs[name]]),
-                t_features[self.hint_pairs[name]],
+                self.hint_adapters(name, features[name], t_features[t_name]),
+                t_features[t_name],
                 norm=self.hint_norm,
             )
-            for name in self.hint_features
+            for name, t_name in self.hint_pairs.items()
         ]
         return torch.stack(terms).mean()  # mean over the hinted levels
 
