@@ -3,7 +3,10 @@
 import json
 import math
 import os
+import random
 import shutil
+
+import pytest
 
 from conftest import REPO, TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, load_script
 
@@ -144,17 +147,31 @@ def test_benchmark_kd_reports_overhead(datasets_root, tmp_path):
             "--configs", "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml",
             "--iters", "1",
             "--repeats", "1",
+            # Any interval meets this target, but only from 6 rounds on (the fewest with a 95 %
+            # interval): rounds are added beyond --repeats up to 6, not to --max-repeats.
+            "--ci", "1e9",
+            "--max-repeats", "8",
             "--json", str(out),
             *TINY_RCNN_OPTS,
             "KD.TEACHER.CONFIG_FILE", str(teacher),
         ]
     )  # fmt: skip
     row = json.loads(out.read_text())["rows"][0]
-    t = row["seconds"]
     assert row["random_teacher"] and row["teacher"] == "random"  # no teacher file in tests
+    assert row["rounds_run"] == 6
+    for kind, rounds in (("overhead", row["rounds"]), ("overhead_cpu", row["cpu_rounds"])):
+        assert all(len(v) == 6 for v in rounds.values())
+        kd, student, teacher = (rounds[p] for p in ("kd", "student", "teacher"))
+        ratios = sorted(k / (s + t) for k, s, t in zip(kd, student, teacher))
+        assert math.isclose(row[kind], (ratios[2] + ratios[3]) / 2)  # the median of six rounds
+        # Six rounds: the 95 % interval is their range (coverage 1 - 2 / 64 = 0.969).
+        assert row[f"{kind}_ci"] == pytest.approx([ratios[0], ratios[-1]])
+    wall = sorted(
+        k / (s + t) for k, s, t in zip(*(row["rounds"][p] for p in ("kd", "student", "teacher")))
+    )
+    assert row["overhead_range"] == pytest.approx([wall[0], wall[-1]])
+    t = row["seconds"]
     assert math.isclose(row["floor"], t["student"] + t["teacher"])
-    assert math.isclose(row["overhead"], t["kd"] / row["floor"])
-    assert row["overhead_range"] == [row["overhead"], row["overhead"]]  # one round
     assert set(row["peak_memory_mb"]) == {"student", "teacher", "kd"}
 
 
@@ -244,11 +261,32 @@ def test_benchmark_kd_overhead_is_the_median_of_per_round_ratios():
     row = bk.ratio_to_floor(times, "points+bwd")
     assert math.isclose(row["overhead"], 1.1) and math.isclose(row["floor"], 3.0)
     assert [round(x, 6) for x in row["overhead_range"]] == [1.0, 1.2]
+    assert row["overhead_ci"] == pytest.approx([1.0, 1.2])  # three rounds: the range
     # Forward-only points: 3.3 / 2.5, 4 / 3.5, 3 / 2 (median 1.32).
     row = bk.ratio_to_floor(times, "points")
     assert math.isclose(row["overhead"], 3.3 / 2.5)
     # Without points: 3.3 / 2, 4 / 3, 3 / 1.5.
     assert math.isclose(bk.ratio_to_floor(times, None)["overhead"], 3.3 / 2.0)
+
+
+def test_benchmark_kd_median_confidence_interval():
+    """The order statistics of the textbook distribution-free interval of the median, checked
+    by hand: for n = 10, (x_2, x_9) covers with P(2 <= B <= 8) = 1 - 2 * (1 + 10) / 1024 = 0.979,
+    while (x_3, x_8) covers only 1 - 2 * (1 + 10 + 45) / 1024 = 0.891."""
+    bk = load_script("tools/benchmark_kd.py")
+    values = [0.5 + 0.1 * i for i in range(10)]
+    random.Random(0).shuffle(values)
+    assert bk.median_ci(values) == (0.6, 1.3)  # x_2, x_9
+    # n = 20: (x_6, x_15), coverage 0.959 (x_7, x_14: 0.885); n = 6: (x_1, x_6), 0.969.
+    assert bk.median_ci(list(range(1, 21))) == (6, 15)
+    assert bk.median_ci([3, 1, 2, 6, 5, 4]) == (1, 6)
+    # Too few rounds for 95 %: the range.
+    assert bk.median_ci([2.0, 1.0, 3.0]) == (1.0, 3.0)
+    # settled: the interval within +-target of the median.
+    tight = [1.0 + 0.001 * i for i in range(10)]  # interval 1.001-1.008 around 1.0045
+    assert bk.settled(tight, 0.01) and not bk.settled(tight, 0.003)
+    assert not bk.settled([1.0, 1.2, 0.9, 1.1, 1.0, 1.0], 0.05)  # range 0.9-1.2 around 1.0
+    assert not bk.settled([1.0] * 5, 0.05)  # five rounds: no 95 % interval yet
 
 
 def test_report_heterogeneous_row_shows_its_own_teacher(tmp_path):

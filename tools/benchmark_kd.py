@@ -2,7 +2,8 @@
 """What distillation costs per training iteration, measured in one process on the same batches.
 
     python tools/benchmark_kd.py [--suite kd_shapes|bccd] [--configs A.yaml B.yaml ...]
-        [--iters 8] [--repeats 3] [--device cpu|cuda] [--amp] [--json OUT.json] [KEY VALUE ...]
+        [--iters 8] [--repeats 3] [--ci 0.02 [--max-repeats 40]] [--device cpu|cuda] [--amp]
+        [--json OUT.json] [KEY VALUE ...]
 
 ``--suite`` picks the default configs: every method of ``configs/kd_shapes`` (the default) or of
 ``configs/bccd`` (larger images: 640x480 teachers); ``--configs`` names them instead.
@@ -31,13 +32,18 @@ forward only) instead, a lower floor that leaves the backward through the extra 
 overhead. The phases are interleaved over ``--repeats`` rounds; each reported time is the median
 per-iteration time of its phase, and each ratio the median of the per-round ratios (each round's
 phases ran close together, so a slow spell of the machine hits them alike), with the lowest and
-highest round beside it. On CPU the ratios are the figures to read; absolute times depend on the
-machine and its load. Memory: on CUDA the peak
-allocated memory of each phase; on CPU the growth of the process's resident memory (sampled every
-millisecond) during the student's first iteration, and during the distiller's first iteration
-after it: what KD needs beyond the student alone (the allocator keeps freed memory, so later
-phases cannot be told apart, and only the first config of a run gives a figure: measure memory
-one config per process). Page faults: each phase's minor page faults per iteration (median
+highest round and a distribution-free 95 % confidence interval of that median beside it. ``--ci
+0.02`` adds rounds beyond ``--repeats`` until that interval lies within +-2 % of the median (or
+``--max-repeats`` rounds ran): the figure is then known to a few percent, whatever the machine's
+noise, at the price of more rounds on a noisy one (at least 6). On CPU the same ratio is also given
+in CPU time (the process's user + system seconds), which leaves out the spells the process waits
+for a core, so it moves less with other load; wall time stays the figure a user feels. On CPU the
+ratios are the figures to read; absolute times depend on the machine and its load. Memory: on CUDA
+the peak allocated memory of each phase; on CPU the growth of the process's resident memory
+(sampled every millisecond) during the student's first iteration, and during the distiller's first
+iteration after it: what KD needs beyond the student alone (the allocator keeps freed memory, so
+later phases cannot be told apart, and only the first config of a run gives a figure: measure
+memory one config per process). Page faults: each phase's minor page faults per iteration (median
 over rounds), the pages it had to take fresh from the system (``page_faults`` in the JSON). They
 hardly depend on the machine's load, unlike times: a KD step that faults more than its floor's
 phases together pays for memory that the phases alone reuse (``docs/cost.md``, KD-DETR).
@@ -64,9 +70,10 @@ import tempfile
 import threading
 import time
 from contextlib import nullcontext
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from scipy.stats import binom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,23 +215,52 @@ def timed(
     memory: Dict[str, int],
     name: str,
     faults: Optional[Dict[str, List[float]]] = None,
-) -> float:
-    """Seconds per batch of ``fn`` (a function of the batch's index) over ``indices``; records the
-    phase's peak memory, and its minor page faults per batch into ``faults[name]`` if given."""
+) -> Tuple[float, float]:
+    """Wall and CPU seconds per batch of ``fn`` (a function of the batch's index) over
+    ``indices``; records the phase's peak memory, and its minor page faults per batch into
+    ``faults[name]`` if given. CPU time is the process's (all its threads, user and system)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with PeakMemory(device) as mem:
         sync()
         faulted = minor_page_faults()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for i in indices:
             fn(i)
         sync()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         faulted = minor_page_faults() - faulted
     memory[name] = max(memory.get(name, 0), mem.peak)
     if faults is not None:
         faults.setdefault(name, []).append(faulted / len(indices))
-    return elapsed / len(indices)
+    return elapsed / len(indices), cpu / len(indices)
+
+
+def median_ci(values: Sequence[float], level: float = 0.95) -> Tuple[float, float]:
+    """A distribution-free confidence interval of the median of ``values``' population: the
+    order statistics ``x_(j), x_(n+1-j)`` (1-based) with the largest ``j`` whose interval covers
+    the median with probability >= ``level`` (``P(j <= B <= n-j)``, ``B ~ Binomial(n, 1/2)``).
+    With too few values for ``level`` (fewer than 6 at 95 %) it is the range, which covers less.
+
+    Args:
+        values: independent measurements (here: one overhead ratio per round).
+        level: the coverage wanted.
+    """
+    x = sorted(values)
+    n = len(x)
+    j = 1
+    while j + 1 <= n // 2 and binom.cdf(n - j - 1, n, 0.5) - binom.cdf(j, n, 0.5) >= level:
+        j += 1
+    return x[j - 1], x[n - j]
+
+
+def settled(ratios: Sequence[float], target: float) -> bool:
+    """Whether the median of ``ratios`` is known to within ``target`` (relative): its 95 %
+    confidence interval is at most ``2 * target * median`` wide (never before 6 rounds, the
+    fewest with such an interval)."""
+    if len(ratios) < 6:
+        return False
+    low, high = median_ci(ratios)
+    return high - low <= 2 * target * statistics.median(ratios)
 
 
 def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
@@ -303,10 +339,18 @@ def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
                 decoders.extend(prepare(batch) for batch in batches)
         timed(phases[name], range(1), args.device, memory, name)
     times: Dict[str, List[float]] = {name: [] for name in phases}
+    cpu_times: Dict[str, List[float]] = {name: [] for name in phases}
     faults: Dict[str, List[float]] = {}
-    for _ in range(args.repeats):
+    floor_phase = "points+bwd" if "points" in phases else None
+    for done in range(1, (max(args.repeats, args.max_repeats) if args.ci else args.repeats) + 1):
         for name, fn in phases.items():
-            times[name].append(timed(fn, range(len(batches)), args.device, memory, name, faults))
+            wall, cpu = timed(fn, range(len(batches)), args.device, memory, name, faults)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
+        if done >= args.repeats and (
+            not args.ci or settled(ratio_to_floor(times, floor_phase)["ratios"], args.ci)
+        ):
+            break
     med = {name: statistics.median(ts) for name, ts in times.items()}
     row = {
         "config": os.path.relpath(path, ROOT),
@@ -319,7 +363,14 @@ def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
         "peak_memory_mb": {k: v / 2**20 for k, v in memory.items()},
         "page_faults": {k: statistics.median(v) for k, v in faults.items()},
     }
-    row.update(ratio_to_floor(times, "points+bwd" if "points" in times else None))
+    row.update(ratio_to_floor(times, floor_phase))
+    row["rounds_run"] = len(times["kd"])
+    if not args.device.startswith("cuda"):
+        # CPU time leaves out the spells a busy or virtual machine spends on other work.
+        cpu = ratio_to_floor(cpu_times, floor_phase)
+        row["cpu_seconds"] = {name: statistics.median(ts) for name, ts in cpu_times.items()}
+        row["cpu_rounds"] = cpu_times
+        row["overhead_cpu"], row["overhead_cpu_ci"] = cpu["overhead"], cpu["overhead_ci"]
     if "points" in times:
         forward = ratio_to_floor(times, "points")
         row["floor_forward"], row["overhead_forward"] = forward["floor"], forward["overhead"]
@@ -328,7 +379,8 @@ def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
 
 
 def ratio_to_floor(times: Dict[str, List[float]], points: Optional[str]) -> Dict[str, object]:
-    """The floor (median seconds) and ``kd / floor``: the median and range of the per-round ratios.
+    """The floor (median seconds) and ``kd / floor``: the median, range and 95 % confidence
+    interval (:func:`median_ci`) of the per-round ratios, and the ratios.
 
     Args:
         times: phase -> seconds per iteration, one entry per round (rounds aligned).
@@ -341,6 +393,8 @@ def ratio_to_floor(times: Dict[str, List[float]], points: Optional[str]) -> Dict
         "floor": sum(statistics.median(times[p]) for p in phases),
         "overhead": statistics.median(ratios),
         "overhead_range": [min(ratios), max(ratios)],
+        "overhead_ci": list(median_ci(ratios)),
+        "ratios": ratios,
     }
 
 
@@ -358,10 +412,13 @@ def _tensors(value) -> List[torch.Tensor]:
 
 
 def format_table(rows: List[Dict[str, object]], device: str) -> str:
+    cpu = not device.startswith("cuda")
     head = (
         "| config | student (ms) | teacher fwd (ms) | points / +bwd (ms) | KD step (ms) | overhead "
-        "(rounds) | overhead, forward-only points | memory student / KD (MB) |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "[95% CI] (rounds: range) | forward-only points |"
+        + (" CPU-time overhead [95% CI] |" if cpu else "")
+        + " memory student / KD (MB) |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if cpu else "") + " ---: |"
     )
     lines = [head]
     for r in rows:
@@ -369,12 +426,17 @@ def format_table(rows: List[Dict[str, object]], device: str) -> str:
         m = r["peak_memory_mb"]
         pts = f"{1000 * s['points']:.0f} / {1000 * s['points+bwd']:.0f}" if "points" in s else "-"
         low, high = r["overhead_range"]
+        ci_low, ci_high = r["overhead_ci"]
         fwd = f"{r['overhead_forward']:.3f}" if "overhead_forward" in r else "-"
+        cpu_cell = ""
+        if cpu:
+            c_low, c_high = r["overhead_cpu_ci"]
+            cpu_cell = f" {r['overhead_cpu']:.3f} [{c_low:.2f}-{c_high:.2f}] |"
         lines.append(
             f"| {os.path.basename(r['config'])} | {1000 * s['student']:.0f} | "
             f"{1000 * s['teacher']:.0f} | {pts} | {1000 * s['kd']:.0f} | "
-            f"**{r['overhead']:.3f}** ({low:.2f}-{high:.2f}) | {fwd} | "
-            f"{m['student']:.0f} / {m['kd']:.0f} |"
+            f"**{r['overhead']:.3f}** [{ci_low:.2f}-{ci_high:.2f}] ({r['rounds_run']}: "
+            f"{low:.2f}-{high:.2f}) | {fwd} |{cpu_cell} {m['student']:.0f} / {m['kd']:.0f} |"
         )
     mem = (
         "CUDA peak allocated per phase"
@@ -383,8 +445,11 @@ def format_table(rows: List[Dict[str, object]], device: str) -> str:
     )
     lines.append(
         "\noverhead = KD step / (student + teacher fwd + points with the backward of the student's "
-        "share), median over rounds (lowest-highest round); forward-only points: the points' "
-        f"decoding without that backward in the floor; memory: {mem}."
+        "share), median over rounds with its distribution-free 95% confidence interval (rounds "
+        "run: lowest-highest round); forward-only points: the points' decoding without that "
+        "backward in the floor;"
+        + (" CPU time: the same ratio in the process's CPU seconds;" if cpu else "")
+        + f" memory: {mem}."
     )
     return "\n".join(lines)
 
@@ -404,7 +469,19 @@ def main(argv: Optional[List[str]] = None) -> None:
         help="the default configs: configs/kd_shapes (default) or configs/bccd",
     )
     parser.add_argument("--iters", type=int, default=8, help="batches per timed phase")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per phase")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds per phase (at least)"
+    )
+    parser.add_argument(
+        "--ci",
+        type=float,
+        default=0.0,
+        help="keep adding rounds (up to --max-repeats) until the overhead's 95%% confidence "
+        "interval is within +-CI of its median (e.g. 0.02); 0: exactly --repeats rounds",
+    )
+    parser.add_argument(
+        "--max-repeats", type=int, default=40, help="the most rounds --ci may run (default 40)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="autocast (and a GradScaler on CUDA)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
@@ -437,7 +514,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     print()
     print(
         f"device: {args.device}, torch threads: {torch.get_num_threads()}, "
-        f"{args.iters} batches x {args.repeats} rounds, AMP: {args.amp}"
+        f"{args.iters} batches a phase, rounds: "
+        + (
+            f"{args.repeats}"
+            if not args.ci
+            else f"{args.repeats}-{args.max_repeats}, until the " f"95% CI is within +-{args.ci:g}"
+        )
+        + f", AMP: {args.amp}"
     )
     print(format_table(rows, args.device))
     if args.json:
