@@ -15,14 +15,14 @@ import json
 import os
 import sys
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import kd  # noqa: F401  (registers the distillers, the DETR family and the datasets)
 from kd.checkpoint import KDCheckpointer, load_weights
-from kd.config import add_kd_config, merge_config
+from kd.config import load_config as kd_load_config
 from kd.data import validate_datasets
 from kd.engine import Trainer
 from kd.launch import launch, setup_logging
@@ -37,9 +37,7 @@ def load_config(args) -> CfgNode:
     Raises:
         kd.config.ConfigError: a missing file, an unknown key, a value of the wrong type.
     """
-    cfg = get_cfg()
-    add_kd_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)
+    cfg = kd_load_config(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 

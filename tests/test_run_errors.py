@@ -157,3 +157,58 @@ def test_error_in_the_training_loop_of_two_processes(datasets_root, tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
     log = (out / "log.txt.rank1").read_text()
     assert log.count("Traceback") == 1 and "injected failure on rank 1" in log
+
+
+KD_CONFIG = "configs/kd_shapes/faster_rcnn_kd_chen2017.yaml"
+TYPO = ["KD.CHEN2017.HINT.WIEGHT", "1"]
+IMAGE = "docs/images/bccd_benchmark.png"  # any image
+TYPO_LINE = "unknown config key KD.CHEN2017.HINT.WIEGHT on the command line: did you mean"
+
+
+@pytest.mark.parametrize(
+    "tool, args, message",
+    [
+        ("benchmark_kd.py", ["--configs", KD_CONFIG, "--iters", "1", *TYPO], TYPO_LINE),
+        (
+            "benchmark_kd.py",
+            ["--configs", KD_CONFIG, *TYPO],
+            "--configs KD.CHEN2017.HINT.WIEGHT 1: not config files (.yaml); write KEY VALUE "
+            "overrides after the other options",
+        ),
+        (
+            "extract_student.py",
+            ["--config-file", KD_CONFIG, "--input", "x.pth", "--output", "y.pth", *TYPO],
+            TYPO_LINE,
+        ),
+        (
+            "predict.py",
+            ["--config-file", KD_CONFIG, "--input", IMAGE, "--output", "unused", *TYPO],
+            TYPO_LINE,
+        ),
+        (
+            "visualize_points.py",
+            ["--config-file", KD_CONFIG, "--output", "unused", *TYPO],
+            TYPO_LINE,
+        ),
+        (
+            "probe_quality.py",
+            ["--config-file", "configs/missing.yaml", "--weights", "x.pth"],
+            "--config-file 'configs/missing.yaml' does not exist",
+        ),
+    ],
+)
+def test_tools_read_configs_as_train_net_does(tool, args, message):
+    """Every tool reads its config through kd.config.load_config: a misspelt key or a missing
+    file is one line naming it (with the closest keys), a non-zero status, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / tool), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode != 0
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr

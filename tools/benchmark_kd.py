@@ -76,6 +76,9 @@ import torch
 from scipy.stats import binom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "projects"))
+# Before anything imports `kd`, which registers the datasets it finds there.
+os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
 
 METHOD_CONFIGS = [
     "faster_rcnn_kd_chen2017.yaml",
@@ -95,14 +98,9 @@ SUITE_CONFIGS = {
 
 def load_config(path: str, opts: List[str], device: str):
     """The distiller's config with ``opts`` and the device applied."""
-    from detectron2.config import get_cfg
+    from kd.config import load_config as kd_load_config
 
-    from kd.config import add_kd_config
-
-    cfg = get_cfg()
-    add_kd_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(opts)
+    cfg = kd_load_config(path, opts, file_option="--configs")
     cfg.MODEL.DEVICE = device
     # The optimizer step is timed but moves nothing: every timed iteration sees the same model
     # (and a random teacher's losses cannot make the student diverge mid-benchmark).
@@ -487,9 +485,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
+    # --configs takes every word up to the next option, overrides included.
+    not_yaml = [c for c in args.configs or [] if not c.endswith((".yaml", ".yml"))]
+    if not_yaml:
+        parser.error(
+            f"--configs {' '.join(not_yaml)}: not config files (.yaml); write KEY VALUE overrides "
+            "after the other options"
+        )
     os.chdir(ROOT)
-    os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
-    sys.path.insert(0, os.path.join(ROOT, "projects"))
     from detectron2.utils.events import EventStorage
 
     import kd  # noqa: F401  (registers the distillers and the datasets)
@@ -538,4 +541,6 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from kd.launch import run_guarded
+
+    run_guarded(main)

@@ -16,12 +16,11 @@ size it was trained for).
 import argparse
 import os
 import sys
+from typing import Optional, Sequence
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects"))
-
-from detectron2.config import get_cfg  # noqa: E402
 
 from kd.checkpoint import (  # noqa: E402
     WeightsError,
@@ -29,7 +28,7 @@ from kd.checkpoint import (  # noqa: E402
     load_checkpoint_file,
     student_state_dict,
 )
-from kd.config import add_kd_config  # noqa: E402
+from kd.config import load_config  # noqa: E402
 from kd.weights import atomic_write  # noqa: E402
 
 
@@ -51,18 +50,15 @@ def check_fits(student_cfg, weights: dict) -> None:
         )
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, help="the KD config the run used")
     parser.add_argument("--input", required=True, help="the distiller's checkpoint (.pth)")
     parser.add_argument("--output", required=True, help="where to write the student (.pth)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    cfg = get_cfg()
-    add_kd_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     if not os.path.isfile(args.input):
         raise SystemExit(f"--input '{args.input}' does not exist")
     try:
@@ -89,4 +85,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from kd.launch import run_guarded
+
+    run_guarded(main)

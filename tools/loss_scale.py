@@ -27,7 +27,6 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "projects"))
-sys.path.insert(0, ROOT)  # train_net.load_config: the config exactly as a run reads it
 
 
 def loss_values(config_file: str, opts: Sequence[str], batches: int) -> Dict[str, List[float]]:
@@ -48,13 +47,13 @@ def loss_values(config_file: str, opts: Sequence[str], batches: int) -> Dict[str
     from detectron2.utils.events import EventStorage
 
     from kd.checkpoint import KDCheckpointer
+    from kd.config import load_config
     from kd.data import validate_datasets
     from kd.engine import Trainer
-    from train_net import load_config
 
     # The teacher's AP is not what this tool measures (and costs a pass over the test set).
-    opts = [*opts, "KD.TEACHER.EVALUATE", "False"]
-    cfg = load_config(argparse.Namespace(config_file=config_file, opts=opts))
+    cfg = load_config(config_file, [*opts, "KD.TEACHER.EVALUATE", "False"])
+    cfg.freeze()
     validate_datasets(list(cfg.DATASETS.TRAIN))
     # As detectron2's default_setup: the same SEED gives the same initial model and batches.
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
@@ -98,14 +97,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.batches < 1:
         parser.error("--batches must be at least 1")
-    from kd.launch import report_failure
-
-    try:
-        values = loss_values(args.config_file, args.opts, args.batches)
-    except Exception as e:  # noqa: BLE001 (the tool's error boundary: one line)
-        raise SystemExit(report_failure(e)) from None
-    print(format_report(values))
+    print(format_report(loss_values(args.config_file, args.opts, args.batches)))
 
 
 if __name__ == "__main__":
-    main()
+    from kd.launch import run_guarded
+
+    run_guarded(main)

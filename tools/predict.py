@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects"))
 
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.data.catalog import Metadata  # noqa: E402
@@ -61,7 +61,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 import kd  # noqa: E402,F401  (registers the distillers, the DETR family and the datasets)
 from kd.checkpoint import WeightsError, export_student_config, load_weights  # noqa: E402
-from kd.config import add_kd_config  # noqa: E402
+from kd.config import ConfigError, load_config  # noqa: E402
 from kd.meta_arch.base import Distiller  # noqa: E402
 
 __all__ = ["setup_cfg", "list_images", "Predictor", "dataset_metadata", "main"]
@@ -80,16 +80,14 @@ def setup_cfg(config_file: str, opts: Sequence[str]) -> Tuple[CfgNode, bool]:
         config_file: a detector config, or a KD config (``MODEL.META_ARCHITECTURE`` a distiller).
         opts: ``KEY VALUE`` overrides, applied before a KD config is reduced to its student.
     """
-    if not os.path.isfile(config_file):
-        raise InputError(f"--config-file '{config_file}' does not exist")
-    cfg = get_cfg()
-    add_kd_config(cfg)
     try:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
+        cfg = load_config(config_file, opts)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+    try:
         arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-    except (KeyError, ValueError, AssertionError) as e:  # yacs' and the registry's errors
-        raise InputError(f"config '{config_file}' with the given options: {e}") from None
+    except KeyError as e:  # the registry's: names the registered ones
+        raise InputError(f"{config_file}: MODEL.META_ARCHITECTURE: {e.args[0]}") from None
     is_distiller = isinstance(arch, type) and issubclass(arch, Distiller)
     if is_distiller:
         # The same student config tools/extract_student.py writes (input scale folded in).

@@ -19,17 +19,16 @@ class probability at random points. Used to choose ``KD.HETERO.DETR_CONTENT`` an
 
 import argparse
 import copy
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper, get_detection_dataset_dicts
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
 import kd  # noqa: F401  (registers the models and the datasets)
 from kd.checkpoint import load_weights
-from kd.config import add_kd_config
+from kd.config import load_config
 from kd.modeling.detr import DETR, denormalize_boxes, normalize_boxes
 from kd.probes import (
     DETR_CONTENTS,
@@ -59,17 +58,15 @@ def _answers(model, batch, points) -> "tuple[Dict[str, object], list]":
     )
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = get_cfg()
-    add_kd_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    cfg = load_config(args.config_file)
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     model = build_model(cfg).eval()
@@ -132,4 +129,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from kd.launch import run_guarded
+
+    run_guarded(main)

@@ -54,7 +54,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects"))
 
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
 from detectron2.data import DatasetMapper, get_detection_dataset_dicts  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.data.detection_utils import convert_image_to_rgb  # noqa: E402
@@ -63,7 +63,7 @@ from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 
 import kd  # noqa: E402,F401  (registers the distillers and datasets)
 from kd.checkpoint import load_weights  # noqa: E402
-from kd.config import add_kd_config  # noqa: E402
+from kd.config import load_config  # noqa: E402
 
 __all__ = [
     "register_points",
@@ -272,10 +272,7 @@ def render_answers(
 
 
 def setup(args) -> CfgNode:
-    cfg = get_cfg()
-    add_kd_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 
@@ -381,4 +378,6 @@ def main(argv=None) -> Dict[str, Dict[str, int]]:
 
 
 if __name__ == "__main__":
-    main()
+    from kd.launch import run_guarded
+
+    run_guarded(main)

@@ -3,7 +3,8 @@
 A KD config is a student config (``MODEL.*`` describes the student) whose
 ``MODEL.META_ARCHITECTURE`` names a distiller; the student's own meta-architecture moves to
 ``KD.STUDENT.META_ARCHITECTURE`` and the teacher comes from its own config file and weights.
-:func:`merge_config` reads a config file and overrides into such a config, with one-line errors.
+:func:`merge_config` reads a config file and overrides into such a config, with one-line errors;
+:func:`load_config` builds the whole config of a run (every entry point reads configs with it).
 """
 
 import difflib
@@ -447,6 +448,28 @@ def merge_config(
             raise ConfigError(_unknown_key_message(cfg, key, f"on {opts_origin}")) from None
         except ValueError as e:
             raise ConfigError(f"{key} {value} on {opts_origin}: {_type_message(e)}") from None
+
+
+def load_config(
+    config_file: str, opts: Sequence[str] = (), *, file_option: str = "--config-file"
+) -> CN:
+    """A run's config as every entry point reads it: detectron2's defaults, the ``kd`` keys
+    (:func:`add_kd_config`), the file, then ``opts``; not frozen.
+
+    Args:
+        config_file: the YAML file (its ``_BASE_`` files are read too).
+        opts: ``KEY VALUE`` overrides from the command line.
+        file_option: how the user gave the file, for messages.
+
+    Raises:
+        ConfigError: a missing file, an unknown key, a value of the wrong type (one line).
+    """
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    merge_config(cfg, config_file, opts, file_option=file_option)
+    return cfg
 
 
 def _message(e: BaseException) -> str:

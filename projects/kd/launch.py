@@ -34,6 +34,8 @@ __all__ = [
     "first_host",
     "parse_first_host",
     "launch",
+    "report_failure",
+    "run_guarded",
     "setup_logging",
 ]
 
@@ -484,9 +486,15 @@ def report_failure(e: BaseException, rank: Optional[int] = None) -> int:
     return code
 
 
-def _run_guarded(main_func: Callable[..., Any], main_args: Sequence[Any]) -> None:
+def run_guarded(main_func: Callable[..., Any], main_args: Sequence[Any] = ()) -> None:
     """The error boundary of one process: ``main_func(*main_args)``, and on failure its one
-    line and a non-zero ``SystemExit`` (the exit status of a spawned process)."""
+    line (:func:`report_failure`) and a non-zero ``SystemExit`` (the exit status of a spawned
+    process). The ``tools/`` scripts run their ``main`` through it too.
+
+    Args:
+        main_func: the process's work.
+        main_args: its positional arguments.
+    """
     try:
         main_func(*main_args)
     except SystemExit as e:
@@ -511,7 +519,7 @@ def _run_in_environment(
     from kd import compat
 
     if env.world_size == 1:
-        _run_guarded(main_func, main_args)
+        run_guarded(main_func, main_args)
         return
     cuda = torch.cuda.is_available()
     try:
@@ -543,7 +551,7 @@ def _run_in_environment(
     try:
         compat.create_local_process_group(env.local_world_size)
         comm.synchronize()
-        _run_guarded(main_func, main_args)
+        run_guarded(main_func, main_args)
     finally:
         dist.destroy_process_group()
 
@@ -556,7 +564,7 @@ def _run_spawned(args: Any, main_func: Callable[..., Any], main_args: Sequence[A
 
     try:
         compat.launch(
-            _run_guarded,
+            run_guarded,
             args.num_gpus,
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
