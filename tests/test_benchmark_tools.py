@@ -136,6 +136,28 @@ def test_plan_method_filter_words_and_exact_titles(tmp_path):
     ]
 
 
+def test_plan_longer_baseline_row(tmp_path):
+    """BCCD's "baseline, 3x schedule" row: the family's student config alone, three times the
+    student schedule, no teacher weights."""
+    bt = load_script("tools/benchmark_table.py")
+    args = bt.argparse.Namespace(
+        suite="bccd",
+        output=str(tmp_path),
+        seeds=[2],
+        families=["faster_rcnn"],
+        methods=["3x"],
+        teacher_iters=None,
+        student_iters=None,
+    )
+    runs = bt.plan(args)
+    baseline, longer = (r for r in runs if r["kind"] != "teacher")
+    assert baseline["title"] == "baseline" and longer["title"] == "baseline, 3x schedule"
+    assert longer["config"] == baseline["config"] == "faster_rcnn_student.yaml"
+    assert (baseline["iters"], longer["iters"]) == (200, 600)  # BCCD students: 200 iterations
+    assert longer["opts"] == ["SEED", "2"]
+    assert longer["out"] == str(tmp_path / "faster_rcnn" / "seed2" / "baseline_3x_schedule")
+
+
 def test_benchmark_kd_reports_overhead(datasets_root, tmp_path):
     bk = load_script("tools/benchmark_kd.py")
     out = datasets_root / "bench.json"

@@ -67,13 +67,16 @@ class Family:
 
 @dataclass(frozen=True)
 class Method:
-    """A distilled student: config, extra overrides, and whose teacher it learns from."""
+    """A row beside the baseline: a distilled student (config, extra overrides, whose teacher it
+    learns from), or the baseline student itself on a longer schedule (``config`` the family's
+    student, ``schedule`` > 1), to show what the same time spent training alone gives."""
 
     title: str
     family: str
     config: str
     opts: Sequence[str] = field(default_factory=tuple)
     teacher_family: Optional[str] = None  # another family's teacher (heterogeneous KD)
+    schedule: int = 1  # times the family's student iterations
 
     @property
     def slug(self) -> str:
@@ -191,6 +194,9 @@ BCCD_METHODS = [
         "hetero_detr_to_faster_rcnn.yaml",
         teacher_family="detr",
     ),
+    # GID's large gain here is against a 200-iteration student: the same student trained three
+    # times as long, alone, says how much of it a longer schedule would give anyway.
+    Method("baseline, 3x schedule", "faster_rcnn", "faster_rcnn_student.yaml", schedule=3),
     Method("GID", "retinanet", "retinanet_kd_gid.yaml"),
     Method("GID", "fcos", "fcos_kd_gid.yaml"),
     Method("KD-DETR", "detr", "detr_kd_detr.yaml"),
@@ -435,6 +441,8 @@ def plan(args) -> List[dict]:
                 t = os.path.join(
                     teacher_dir(args.output, m.teacher_family or fam.name), "model_final.pth"
                 )
+                # A longer baseline has no teacher (nor needs one trained).
+                teacher_opts = [] if m.config == fam.student else ["KD.TEACHER.WEIGHTS", t]
                 runs.append(
                     dict(
                         suite=suite.name,
@@ -445,8 +453,8 @@ def plan(args) -> List[dict]:
                         seed=seed,
                         config=m.config,
                         out=os.path.join(args.output, fam.name, f"seed{seed}", m.slug),
-                        iters=iters(fam, False),
-                        opts=["SEED", str(seed), "KD.TEACHER.WEIGHTS", t, *m.opts],
+                        iters=iters(fam, False) * m.schedule,
+                        opts=["SEED", str(seed), *teacher_opts, *m.opts],
                     )
                 )
     return runs
