@@ -32,21 +32,22 @@ forward only) instead, a lower floor that leaves the backward through the extra 
 overhead. The phases are interleaved over ``--repeats`` rounds; each reported time is the median
 per-iteration time of its phase, and each ratio the median of the per-round ratios (each round's
 phases ran close together, so a slow spell of the machine hits them alike), with the lowest and
-highest round and a distribution-free 95 % confidence interval of that median beside it. ``--ci
-0.02`` adds rounds beyond ``--repeats`` until that interval lies within +-2 % of the median (or
-``--max-repeats`` rounds ran): the figure is then known to a few percent, whatever the machine's
-noise, at the price of more rounds on a noisy one (at least 6). On CPU the same ratio is also given
-in CPU time (the process's user + system seconds), which leaves out the spells the process waits
-for a core, so it moves less with other load; wall time stays the figure a user feels. On CPU the
-ratios are the figures to read; absolute times depend on the machine and its load. Memory: on CUDA
-the peak allocated memory of each phase; on CPU the growth of the process's resident memory
-(sampled every millisecond) during the student's first iteration, and during the distiller's first
-iteration after it: what KD needs beyond the student alone (the allocator keeps freed memory, so
-later phases cannot be told apart, and only the first config of a run gives a figure: measure
-memory one config per process). Page faults: each phase's minor page faults per iteration (median
-over rounds), the pages it had to take fresh from the system (``page_faults`` in the JSON). They
-hardly depend on the machine's load, unlike times: a KD step that faults more than its floor's
-phases together pays for memory that the phases alone reuse (``docs/cost.md``, KD-DETR).
+highest round and a distribution-free 95 % confidence interval of that median beside it.
+``--ci 0.02`` adds rounds beyond ``--repeats`` until that interval lies within +-2 % of the
+median (or ``--max-repeats`` rounds ran): the figure is then known to a few percent, whatever the
+machine's noise, at the price of more rounds on a noisy one (at least 6). On CPU the same ratio is
+also given in CPU time (the process's user + system seconds), which leaves out the spells the
+process waits for a core, so it moves less with other load; wall time stays the figure a user
+feels. On CPU the ratios are the figures to read; absolute times depend on the machine and its
+load. Memory: on CUDA the peak allocated memory of each phase; on CPU the growth of the process's
+resident memory (sampled every millisecond) during the student's first iteration, and during the
+distiller's first iteration after it: what KD needs beyond the student alone (the allocator keeps
+freed memory, so later phases cannot be told apart, and only the first config of a run gives a
+figure: measure memory one config per process). Page faults: each phase's minor page faults per
+iteration (median over rounds), the pages it had to take fresh from the system (``page_faults`` in
+the JSON). They hardly depend on the machine's load, unlike times: a KD step that faults more than
+its floor's phases together pays for memory that the phases alone reuse (``docs/cost.md``, KD-
+DETR).
 
 Teacher weights: when ``KD.TEACHER.WEIGHTS`` does not exist, the teacher that
 ``tools/benchmark_table.py`` trains from the same teacher config (``OUTPUT/teachers/FAMILY/
