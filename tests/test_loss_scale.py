@@ -38,6 +38,21 @@ def test_terms_are_reported_with_their_weights(tiny_teacher, tmp_path, one_threa
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["a.yaml", "--batches", "2", "KD.GID.FEATURE_WEIGHT", "1.0", "SEED", "-1"],
+        ["a.yaml", "KD.GID.FEATURE_WEIGHT", "1.0", "--batches", "2", "SEED", "-1"],
+        ["--batches", "2", "a.yaml", "KD.GID.FEATURE_WEIGHT", "1.0", "SEED", "-1"],
+    ],
+)
+def test_options_and_overrides_in_any_order(argv):
+    """The usage line's order (config, --batches, overrides) and the others read the same."""
+    args = load_script("tools/loss_scale.py").parse_args(argv)
+    assert (args.config_file, args.batches) == ("a.yaml", 2)
+    assert args.opts == ["KD.GID.FEATURE_WEIGHT", "1.0", "SEED", "-1"]
+
+
+@pytest.mark.parametrize(
     "args, message",
     [
         (["configs/kd_shapes/missing.yaml"], "missing.yaml"),

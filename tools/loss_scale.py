@@ -89,14 +89,22 @@ def format_report(values: Dict[str, List[float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line: the config, ``--batches`` and ``KEY VALUE`` overrides in any order."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config_file")
     parser.add_argument("--batches", type=int, default=3, help="training batches (default 3)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
-    args = parser.parse_args(argv)
+    parser.add_argument("opts", nargs="*", help="KEY VALUE overrides")
+    # Intermixed: `CONFIG --batches 3 KEY VALUE`, as the usage line writes it (a REMAINDER
+    # would take --batches for a key).
+    args = parser.parse_intermixed_args(argv)
     if args.batches < 1:
         parser.error("--batches must be at least 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
     print(format_report(loss_values(args.config_file, args.opts, args.batches)))
 
 
