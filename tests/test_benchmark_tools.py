@@ -5,6 +5,8 @@ import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -156,6 +158,66 @@ def test_plan_longer_baseline_row(tmp_path):
     assert (baseline["iters"], longer["iters"]) == (200, 600)  # BCCD students: 200 iterations
     assert longer["opts"] == ["SEED", "2"]
     assert longer["out"] == str(tmp_path / "faster_rcnn" / "seed2" / "baseline_3x_schedule")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    bt = load_script("tools/benchmark_table.py")
+    out = tmp_path / "run"
+    lock = out / bt.LOCK_FILE
+    with bt.run_lock(str(out)):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()  # released
+    # Held by another live process (this one's parent): refused, the lock left as it was.
+    lock.write_text(str(os.getppid()))
+    with pytest.raises(bt.RunLocked) as e:
+        with bt.run_lock(str(out)):
+            pass
+    assert e.value.args[0] == os.getppid() and lock.read_text() == str(os.getppid())
+    # Left by a process that has exited: taken over, and released after.
+    lock.write_text(str(_dead_pid()))
+    with bt.run_lock(str(out)):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()
+
+
+def test_runs_of_a_locked_teacher_are_skipped(tmp_path, monkeypatch, capsys):
+    """A second benchmark process: the teacher another live process trains is skipped, and so
+    is the distilled student that needs its weights; the baseline trains."""
+    bt = load_script("tools/benchmark_table.py")
+    args = bt.argparse.Namespace(
+        output=str(tmp_path),
+        seeds=[1],
+        families=["fcos"],
+        methods=None,
+        teacher_iters=None,
+        student_iters=None,
+    )
+    runs = bt.plan(args)
+    assert [r["kind"] for r in runs] == ["teacher", "baseline", "method"]
+    teacher_out = tmp_path / "teachers" / "fcos"
+    teacher_out.mkdir(parents=True)
+    (teacher_out / bt.LOCK_FILE).write_text(str(os.getppid()))
+    trained = []
+
+    def fake_train(name, config, out, iters, opts):
+        assert (tmp_path / out / bt.LOCK_FILE).read_text() == str(os.getpid())  # held meanwhile
+        trained.append(out)
+        return {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}
+
+    monkeypatch.setattr(bt, "train_and_evaluate", fake_train)
+    record = tmp_path / "runs.json"
+    bt.train_runs(runs, runs, "configs/kd_shapes", str(tmp_path), str(record))
+    assert trained == [str(tmp_path / "fcos" / "seed1" / "baseline")]
+    assert list(bt.load_record(str(record))) == ["fcos/seed1/baseline"]
+    lines = capsys.readouterr().out.splitlines()
+    assert f"being trained by process {os.getppid()}" in lines[0]
+    assert "skipped, its teacher" in lines[-1] and "teachers/fcos/model_final.pth" in lines[-1]
 
 
 def test_benchmark_kd_reports_overhead(datasets_root, tmp_path):

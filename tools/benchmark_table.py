@@ -27,9 +27,16 @@ weights. Runs are identified by config name, schedule and overrides (and the sui
 other than kd_shapes, whose runs are recorded under ``<suite>/...``), not by the config's contents
 or the code: after changing those, delete the runs concerned from the record. ``--record ''``
 uses the output folder alone.
+
+Several benchmark processes may run at once (e.g. one per family, one thread each): a run being
+trained holds ``OUTPUT/<run>/.benchmark.lock`` (the process id), and another process skips that
+run, and the students that need its weights, with a line saying so (run the command again once
+it finished); a lock left by a process that no longer exists is taken over (the run resumes from
+its last checkpoint).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -37,7 +44,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from kd.experiments import (
     ROOT,
@@ -578,6 +585,97 @@ def runs_to_train(runs: List[dict], output: str, record: Dict[str, dict]) -> Lis
     return [r for r in runs if r in teachers or r in students]
 
 
+LOCK_FILE = ".benchmark.lock"
+
+
+class RunLocked(Exception):
+    """Another live process is training the run (``args[0]``: its process id)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(out: str) -> Iterator[None]:
+    """Hold ``out``'s lock while training it: created atomically with this process's id, removed
+    afterwards. A lock whose process no longer exists is taken over.
+
+    Raises:
+        RunLocked: a live process holds it.
+    """
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, LOCK_FILE)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise RunLocked(pid) from None
+            os.remove(path)  # stale (or half-written): its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return
+    raise RunLocked(0)
+
+
+def train_runs(
+    runs: List[dict], todo: List[dict], configs: str, output: str, record_path: str
+) -> None:
+    """Train the runs in ``todo`` in plan order, recording each as it finishes; a run another
+    process is training is skipped, and so are the runs that need its weights.
+
+    Args:
+        runs: the plan (:func:`plan`); todo: those of them to train (:func:`runs_to_train`).
+        configs: the suite's config folder; output: the benchmark's output folder.
+        record_path: the record to extend ('' for none).
+    """
+    unavailable = set()  # weights files that a skipped run would have written
+    for r in runs:
+        name = f"{r['family']} {r['title']}" + (f" seed {r['seed']}" if "seed" in r else "")
+        if r not in todo:
+            print(f"[kd] {name}: finished (output folder or {record_path or 'record'})")
+            continue
+        missing = [o for o in r["opts"] if o in unavailable]
+        if missing:
+            print(f"[kd] {name}: skipped, its teacher {missing[0]} is still being trained")
+            continue
+        try:
+            with run_lock(r["out"]):
+                metrics = train_and_evaluate(
+                    name, os.path.join(configs, r["config"]), r["out"], r["iters"], r["opts"]
+                )
+        except RunLocked as e:
+            print(
+                f"[kd] {name}: skipped, being trained by process {e.args[0]} ({r['out']}); "
+                "run again when it has finished"
+            )
+            unavailable.add(os.path.join(r["out"], "model_final.pth"))
+            continue
+        if record_path:
+            # Re-read first: another benchmark process may have recorded runs meanwhile.
+            record = load_record(record_path)
+            record_run(r, output, record, metrics)
+            save_record(record_path, record)
+
+
 def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = None) -> List[dict]:
     """Collect the finished runs (output folders, then the record) into table rows; write
     benchmark.md/.png and results.json."""
@@ -687,19 +785,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     if not args.report_only:
         suite.prepare(args)
-        for r in runs:
-            name = f"{r['family']} {r['title']}" + (f" seed {r['seed']}" if "seed" in r else "")
-            if r not in todo:
-                print(f"[kd] {name}: finished (output folder or {args.record or 'record'})")
-                continue
-            metrics = train_and_evaluate(
-                name, os.path.join(suite.configs, r["config"]), r["out"], r["iters"], r["opts"]
-            )
-            if args.record:
-                # Re-read first: another benchmark process may have recorded runs meanwhile.
-                record = load_record(args.record)
-                record_run(r, args.output, record, metrics)
-                save_record(args.record, record)
+        train_runs(runs, todo, suite.configs, args.output, args.record)
     if args.record:
         sync_record(runs, args.output, args.record)
         record = load_record(args.record)
