@@ -209,6 +209,15 @@ BCCD_METHODS = [
     Method("baseline, 3x schedule", "faster_rcnn", "faster_rcnn_student.yaml", schedule=3),
     Method("GID", "retinanet", "retinanet_kd_gid.yaml"),
     Method("GID", "fcos", "fcos_kd_gid.yaml"),
+    # The response mask's open choice (KD.GID.FCOS_ASSIGNMENT): every location inside a GI box
+    # on every level [paper], or only those FCOS itself would assign to it, whose regression the
+    # teacher was trained on.
+    Method(
+        "GID, response on FCOS's own assignment",
+        "fcos",
+        "fcos_kd_gid.yaml",
+        ("KD.GID.FCOS_ASSIGNMENT", "fcos"),
+    ),
     Method("KD-DETR", "detr", "detr_kd_detr.yaml"),
     Method(
         "Faster R-CNN teacher (heterogeneous)",
