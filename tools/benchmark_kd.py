@@ -522,7 +522,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         + (
             f"{args.repeats}"
             if not args.ci
-            else f"{args.repeats}-{args.max_repeats}, until the " f"95% CI is within +-{args.ci:g}"
+            else f"{args.repeats}-{args.max_repeats}, until the 95% CI is within +-{args.ci:g}"
         )
         + f", AMP: {args.amp}"
     )

@@ -451,15 +451,19 @@ def merge_config(
 
 
 def load_config(
-    config_file: str, opts: Sequence[str] = (), *, file_option: str = "--config-file"
+    config_file: str,
+    opts: Sequence[str] = (),
+    *,
+    file_option: str = "--config-file",
+    opts_origin: str = "the command line",
 ) -> CN:
     """A run's config as every entry point reads it: detectron2's defaults, the ``kd`` keys
     (:func:`add_kd_config`), the file, then ``opts``; not frozen.
 
     Args:
         config_file: the YAML file (its ``_BASE_`` files are read too).
-        opts: ``KEY VALUE`` overrides from the command line.
-        file_option: how the user gave the file, for messages.
+        opts: ``KEY VALUE`` overrides.
+        file_option, opts_origin: how the user gave the file and the overrides, for messages.
 
     Raises:
         ConfigError: a missing file, an unknown key, a value of the wrong type (one line).
@@ -468,7 +472,7 @@ def load_config(
 
     cfg = get_cfg()
     add_kd_config(cfg)
-    merge_config(cfg, config_file, opts, file_option=file_option)
+    merge_config(cfg, config_file, opts, file_option=file_option, opts_origin=opts_origin)
     return cfg
 
 

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from torch import nn
@@ -197,15 +197,12 @@ def _load_lazy_config(path: str, overrides: Sequence[str]):
 
 
 def _load_config(cfg: CfgNode) -> "tuple[str, Any]":
-    from kd.config import add_kd_config, merge_config
+    from kd.config import load_config
 
     path = resolve_config_file(cfg.KD.TEACHER.CONFIG_FILE)
     if is_lazy_config(path):
         return path, _load_lazy_config(path, cfg.KD.TEACHER.OPTS)
-    tcfg = get_cfg()
-    add_kd_config(tcfg)
-    merge_config(
-        tcfg,
+    tcfg = load_config(
         path,
         list(cfg.KD.TEACHER.OPTS),
         file_option="KD.TEACHER.CONFIG_FILE",
