@@ -13,6 +13,20 @@ import pytest
 from conftest import REPO, TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, load_script
 
 
+def plan_args(bt, output, **overrides):
+    """tools/benchmark_table.py's parsed options for :func:`plan`: one seed of FCOS, every
+    method, the default schedules, unless overridden."""
+    defaults = dict(
+        output=str(output),
+        seeds=[1],
+        families=["fcos"],
+        methods=None,
+        teacher_iters=None,
+        student_iters=None,
+    )
+    return bt.argparse.Namespace(**{**defaults, **overrides})
+
+
 def test_summarize_means_stds_and_paired_gain():
     bt = load_script("tools/benchmark_table.py")
     base = {1: {"AP": 10.0, "AP50": 20.0, "AP75": 5.0}, 2: {"AP": 12.0, "AP50": 22.0, "AP75": 7.0}}
@@ -32,14 +46,7 @@ def test_summarize_means_stds_and_paired_gain():
 
 def test_plan_and_report_from_finished_runs(tmp_path):
     bt = load_script("tools/benchmark_table.py")
-    args = bt.argparse.Namespace(
-        output=str(tmp_path),
-        seeds=[1, 2],
-        families=["fcos"],
-        methods=None,
-        teacher_iters=None,
-        student_iters=7,
-    )
+    args = plan_args(bt, str(tmp_path), seeds=[1, 2], student_iters=7)
     runs = bt.plan(args)
     assert [r["kind"] for r in runs] == ["teacher", "baseline", "method"] * 1 + [
         "baseline",
@@ -72,14 +79,7 @@ def test_record_stands_in_for_lost_output_folders(tmp_path):
     only what is missing, and a teacher only when a run that trains needs its weights."""
     bt = load_script("tools/benchmark_table.py")
     output = tmp_path / "out"
-    args = bt.argparse.Namespace(
-        output=str(output),
-        seeds=[1],
-        families=["fcos"],
-        methods=None,
-        teacher_iters=None,
-        student_iters=7,
-    )
+    args = plan_args(bt, str(output), student_iters=7)
     runs = bt.plan(args)
     teacher, baseline, gid = runs
     for r, ap in [(teacher, 20.0), (baseline, 8.0), (gid, 9.5)]:
@@ -115,14 +115,7 @@ def test_plan_method_filter_words_and_exact_titles(tmp_path):
     bt = load_script("tools/benchmark_table.py")
 
     def titles(*methods):
-        args = bt.argparse.Namespace(
-            output=str(tmp_path),
-            seeds=[1],
-            families=["detr"],
-            methods=list(methods),
-            teacher_iters=None,
-            student_iters=None,
-        )
+        args = plan_args(bt, str(tmp_path), families=["detr"], methods=list(methods))
         return [r["title"] for r in bt.plan(args) if r["kind"] == "method"]
 
     # A word matches every title containing it, case-insensitively: KD-DETR and its ablations.
@@ -142,14 +135,8 @@ def test_plan_longer_baseline_row(tmp_path):
     """BCCD's "baseline, 3x schedule" row: the family's student config alone, three times the
     student schedule, no teacher weights."""
     bt = load_script("tools/benchmark_table.py")
-    args = bt.argparse.Namespace(
-        suite="bccd",
-        output=str(tmp_path),
-        seeds=[2],
-        families=["faster_rcnn"],
-        methods=["3x"],
-        teacher_iters=None,
-        student_iters=None,
+    args = plan_args(
+        bt, str(tmp_path), suite="bccd", seeds=[2], families=["faster_rcnn"], methods=["3x"]
     )
     runs = bt.plan(args)
     baseline, longer = (r for r in runs if r["kind"] != "teacher")
@@ -190,14 +177,7 @@ def test_runs_of_a_locked_teacher_are_skipped(tmp_path, monkeypatch, capsys):
     """A second benchmark process: the teacher another live process trains is skipped, and so
     is the distilled student that needs its weights; the baseline trains."""
     bt = load_script("tools/benchmark_table.py")
-    args = bt.argparse.Namespace(
-        output=str(tmp_path),
-        seeds=[1],
-        families=["fcos"],
-        methods=None,
-        teacher_iters=None,
-        student_iters=None,
-    )
+    args = plan_args(bt, str(tmp_path))
     runs = bt.plan(args)
     assert [r["kind"] for r in runs] == ["teacher", "baseline", "method"]
     teacher_out = tmp_path / "teachers" / "fcos"
@@ -375,14 +355,7 @@ def test_benchmark_kd_median_confidence_interval():
 
 def test_report_heterogeneous_row_shows_its_own_teacher(tmp_path):
     bt = load_script("tools/benchmark_table.py")
-    args = bt.argparse.Namespace(
-        output=str(tmp_path),
-        seeds=[1],
-        families=["faster_rcnn"],
-        methods=["heterogeneous"],
-        teacher_iters=None,
-        student_iters=None,
-    )
+    args = plan_args(bt, str(tmp_path), families=["faster_rcnn"], methods=["heterogeneous"])
     runs = bt.plan(args)
     assert {r["family"] for r in runs if r["kind"] == "teacher"} == {"faster_rcnn", "detr"}
     for out, ap in [("teachers/faster_rcnn", 18.0), ("teachers/detr", 30.0)]:
