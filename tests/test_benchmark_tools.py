@@ -147,6 +147,80 @@ def test_plan_longer_baseline_row(tmp_path):
     assert longer["out"] == str(tmp_path / "faster_rcnn" / "seed2" / "baseline_3x_schedule")
 
 
+def test_bccd_long_suite_plan(tmp_path):
+    """bccd_long: bccd's configs on the long schedules (students 600 / 900 iterations, teachers
+    3000), a 2x-schedule baseline instead of the 3x one, without bccd's settled variants, and
+    recorded under its own name."""
+    bt = load_script("tools/benchmark_table.py")
+    args = plan_args(bt, str(tmp_path), suite="bccd_long", families=["faster_rcnn", "fcos"])
+    runs = bt.plan(args)
+    by_title = {(r["family"], r["title"]): r for r in runs}
+    assert by_title[("faster_rcnn", "teacher")]["iters"] == 3000
+    assert by_title[("fcos", "teacher")]["iters"] == 3000
+    assert by_title[("faster_rcnn", "baseline")]["iters"] == 600
+    assert by_title[("fcos", "baseline")]["iters"] == 900
+    assert by_title[("fcos", "GID")]["iters"] == 900
+    assert by_title[("faster_rcnn", "baseline, 2x schedule")]["iters"] == 1200
+    assert by_title[("fcos", "baseline, 2x schedule")]["opts"] == ["SEED", "1"]
+    titles = {t for _, t in by_title}
+    assert not any("3x" in t or "equal map size" in t or "own assignment" in t for t in titles)
+    assert "Chen et al. 2017 without hints" in titles
+    gid = by_title[("fcos", "GID")]
+    assert bt.run_key(gid, str(tmp_path)) == "bccd_long/fcos/seed1/gid"
+
+
+def test_schedule_checkpoints_and_the_record_still_matches():
+    """A checkpoint every quarter of the run, at most every 500 iterations; every recorded run's
+    schedule is still what the rule gives for its iterations (else it would be retrained)."""
+    from kd.experiments import schedule_opts
+
+    def period(iters):
+        opts = schedule_opts(iters)
+        return int(opts[opts.index("SOLVER.CHECKPOINT_PERIOD") + 1])
+
+    assert (period(200), period(1000), period(2000), period(3000), period(4800)) == (
+        50,
+        250,
+        500,
+        500,
+        500,
+    )
+    with open(os.path.join(REPO, "docs", "benchmark", "runs.json")) as f:
+        record = json.load(f)["runs"]
+    stale = [
+        k
+        for k, v in record.items()
+        if v["identity"]["schedule"] != schedule_opts(v["identity"]["iters"])
+    ]
+    assert record and not stale
+
+
+def test_output_folder_of_another_run_is_refused(tmp_path, capsys):
+    """A folder whose config.yaml (written by train_net.py) has other iterations or another seed
+    is not resumed nor reported as this plan's run: one line naming it; other schedules are not
+    written into the repository's record."""
+    bt = load_script("tools/benchmark_table.py")
+    args = plan_args(bt, str(tmp_path), student_iters=7)
+    teacher, baseline, gid = bt.plan(args)
+    assert bt.folder_conflicts([teacher, baseline, gid]) == []  # no folders yet
+    os.makedirs(baseline["out"])
+    with open(os.path.join(baseline["out"], "config.yaml"), "w") as f:
+        f.write("SEED: 1\nSOLVER:\n  MAX_ITER: 7\n")
+    assert bt.folder_conflicts([baseline]) == []  # the same run: resumed
+    os.makedirs(gid["out"])
+    with open(os.path.join(gid["out"], "config.yaml"), "w") as f:
+        f.write("SEED: 2\nSOLVER:\n  MAX_ITER: 500\n")
+    assert bt.folder_conflicts([teacher, baseline, gid]) == [
+        f"{gid['out']} holds another run (iterations 500, this plan 7, seed 2, this plan 1)"
+    ]
+    argv = ["--suite", "kd_shapes", "--families", "fcos", "--seeds", "1", "--dry-run"]
+    with pytest.raises(SystemExit) as e:
+        bt.main([*argv, "--output", str(tmp_path), "--student-iters", "7"])
+    assert str(e.value).startswith(f"error: {gid['out']} holds another run")
+    assert str(e.value).endswith("pass another --output, or delete those folders")
+    assert "not recorded in docs/benchmark/runs.json" in capsys.readouterr().out
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -365,3 +439,31 @@ def test_report_heterogeneous_row_shows_its_own_teacher(tmp_path):
         )
     rows = {r["student"]: r["teacher_AP"] for r in bt.report(runs, str(tmp_path))}
     assert rows == {"baseline": "18.00", "DETR teacher (heterogeneous)": "30.00"}
+
+
+def test_training_runs_keep_freed_memory_unless_the_user_says_otherwise(tmp_path, monkeypatch):
+    """The benchmark's train_net.py processes get glibc's keep-freed-memory settings (the
+    figures in docs/cost.md); a value already in the environment is passed on unchanged."""
+    import kd.experiments as ex
+
+    seen = {}
+
+    class FakeRun:
+        def __init__(self, cmd, env, **kwargs):
+            seen.update(env)
+            out = cmd[cmd.index("OUTPUT_DIR") + 1]
+            with open(os.path.join(out, "eval_results.json"), "w") as f:
+                json.dump({"bbox": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}}, f)
+            self.stdout, self.returncode = [], 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(ex.subprocess, "Popen", FakeRun)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    metrics = ex.train_and_evaluate("run", "configs/x.yaml", str(tmp_path), 4)
+    assert metrics == {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}
+    assert seen["MALLOC_MMAP_THRESHOLD_"] == str(2**32 - 1)  # 4 GiB - 1: nothing mapped apart
+    assert seen["MALLOC_TRIM_THRESHOLD_"] == "12345"
+    assert seen["PATH"] == os.environ["PATH"]

@@ -5,10 +5,12 @@
         [--families faster_rcnn detr ...] [--methods GID ...] [--output DIR]
         [--teacher-iters N] [--student-iters N] [--dry-run] [--report-only]
 
-Two suites: ``kd_shapes`` (the default; synthetic images, models trained from scratch, configs in
-``configs/kd_shapes``, output ``output/benchmark``) and ``bccd`` (real microscope images,
+Three suites: ``kd_shapes`` (the default; synthetic images, models trained from scratch, configs
+in ``configs/kd_shapes``, output ``output/benchmark``), ``bccd`` (real microscope images,
 ImageNet-initialised MobileNetV2 models, configs in ``configs/bccd``, output
-``output/bccd_benchmark``; BCCD registered from ``$KD_BCCD_ROOT`` or ``../shared/data/bccd``).
+``output/bccd_benchmark``; BCCD registered from ``$KD_BCCD_ROOT`` or ``../shared/data/bccd``) and
+``bccd_long`` (the same configs, students near convergence and teachers trained 3000 iterations,
+the DETR's 4800; output ``output/bccd_long``).
 For every detector family (Faster R-CNN, RetinaNet, FCOS, DETR) it trains the teacher
 once, then the baseline student and each distilled student on the same schedule for every seed,
 all through ``train_net.py`` and COCOEvaluator. It writes ``OUTPUT/benchmark.md`` (mean ± std of
@@ -26,7 +28,10 @@ over several sessions; a teacher is retrained only when a run that still has to 
 weights. Runs are identified by config name, schedule and overrides (and the suite, for suites
 other than kd_shapes, whose runs are recorded under ``<suite>/...``), not by the config's contents
 or the code: after changing those, delete the runs concerned from the record. ``--record ''``
-uses the output folder alone.
+uses the output folder alone. Runs on other schedules (``--teacher-iters``, ``--student-iters``)
+are not written into the default record, and an output folder holding a run of other iterations
+or another seed (its ``config.yaml``) stops the tool with a line naming it, rather than being
+resumed or reported as the planned run.
 
 Several benchmark processes may run at once (e.g. one per family, one thread each): a run being
 trained holds ``OUTPUT/<run>/.benchmark.lock`` (the process id), and another process skips that
@@ -229,6 +234,47 @@ BCCD_METHODS = [
     ),
 ]
 
+# bccd_long: the same configs with students near convergence and teachers trained well beyond
+# them. On bccd the same students trained 3x as long alone beat their distilled selves and
+# their teachers (600-900 iterations: 47.7-49.2 AP), so bccd measures how fast a student learns;
+# this suite asks whether distillation leaves it better than it ends up alone. Students get the
+# bccd 3x schedules, whose baselines are known; the "2x schedule" rows say whether the baseline
+# has converged (a small gain there). Teachers train 3-6x their bccd schedules (3000 iterations;
+# the DETR 4800, as its students need 3000).
+BCCD_LONG_FAMILIES = {
+    f.name: f
+    for f in (
+        Family(
+            "faster_rcnn",
+            "Faster R-CNN",
+            "faster_rcnn_teacher.yaml",
+            "faster_rcnn_student.yaml",
+            3000,
+            600,
+        ),
+        Family(
+            "retinanet",
+            "RetinaNet",
+            "retinanet_teacher.yaml",
+            "retinanet_student.yaml",
+            3000,
+            900,
+        ),
+        Family("fcos", "FCOS", "fcos_teacher.yaml", "fcos_student.yaml", 3000, 900),
+        Family("detr", "DETR", "detr_teacher.yaml", "detr_student.yaml", 4800, 3000),
+    )
+}
+
+# The methods of bccd, without the variants bccd already settled (hints at equal map size,
+# FCOS's own assignment), and with a 2x rather than 3x longer baseline.
+BCCD_LONG_METHODS = [
+    m
+    for m in BCCD_METHODS
+    if m.schedule == 1 and "equal map size" not in m.title and "own assignment" not in m.title
+] + [
+    Method("baseline, 2x schedule", f, BCCD_FAMILIES[f].student, schedule=2) for f in BCCD_FAMILIES
+]
+
 
 def _prepare_kd_shapes(args) -> None:
     datasets = os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
@@ -281,6 +327,15 @@ SUITES = {
         os.path.join("output", "bccd_benchmark"),
         BCCD_FAMILIES,
         BCCD_METHODS,
+        "BCCD val",
+        _prepare_bccd,
+    ),
+    "bccd_long": Suite(
+        "bccd_long",
+        BCCD_CONFIGS,
+        os.path.join("output", "bccd_long"),
+        BCCD_LONG_FAMILIES,
+        BCCD_LONG_METHODS,
         "BCCD val",
         _prepare_bccd,
     ),
@@ -596,6 +651,38 @@ def runs_to_train(runs: List[dict], output: str, record: Dict[str, dict]) -> Lis
     return [r for r in runs if r in teachers or r in students]
 
 
+def folder_conflicts(runs: List[dict]) -> List[str]:
+    """The planned runs whose output folder holds another run: its ``config.yaml`` (which
+    train_net.py writes when a run starts) has other iterations or another seed than the plan's,
+    e.g. after ``--student-iters`` with the default ``--output``. Resuming from such a folder, or
+    reporting it, would pass one run off as another.
+
+    Returns:
+        one line per conflict, naming the folder and both settings.
+    """
+    import yaml
+
+    conflicts = []
+    for r in runs:
+        path = os.path.join(r["out"], "config.yaml")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+        held = {"iterations": cfg.get("SOLVER", {}).get("MAX_ITER"), "seed": cfg.get("SEED")}
+        wanted = {"iterations": r["iters"]}
+        if "SEED" in r["opts"]:
+            wanted["seed"] = int(r["opts"][r["opts"].index("SEED") + 1])
+        differ = [k for k, v in wanted.items() if held[k] != v]
+        if differ:
+            conflicts.append(
+                f"{r['out']} holds another run ("
+                + ", ".join(f"{k} {held[k]}, this plan {wanted[k]}" for k in differ)
+                + ")"
+            )
+    return conflicts
+
+
 LOCK_FILE = ".benchmark.lock"
 
 
@@ -738,12 +825,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         "--suite",
         default="kd_shapes",
         choices=list(SUITES),
-        help="kd_shapes (synthetic, configs/kd_shapes) or bccd (real images, configs/bccd)",
+        help="kd_shapes (synthetic, configs/kd_shapes), bccd (real images, configs/bccd) or "
+        "bccd_long (bccd's configs, long schedules)",
     )
     parser.add_argument(
         "--output",
         default=None,
-        help="default: output/benchmark (kd_shapes), output/bccd_benchmark",
+        help="default: output/benchmark (kd_shapes), output/bccd_benchmark, output/bccd_long",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument(
@@ -786,7 +874,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     suite = suite_of(args)
     args.output = args.output or suite.output
     os.chdir(ROOT)
+    if (args.teacher_iters or args.student_iters) and args.record == RECORD:
+        # The record holds each suite's own schedules; other ones would replace its entries.
+        print(
+            f"[benchmark] --teacher-iters/--student-iters: not recorded in {RECORD} (it holds "
+            "the suites' own schedules); --record FILE keeps these runs in another file"
+        )
+        args.record = ""
     runs = plan(args)
+    conflicts = folder_conflicts(runs)
+    if conflicts:
+        raise SystemExit(
+            f"error: {conflicts[0]}"
+            + (f" (and {len(conflicts) - 1} more folders)" if len(conflicts) > 1 else "")
+            + ": pass another --output, or delete those folders"
+        )
     record = load_record(args.record)
     todo = runs_to_train(runs, args.output, record)
     if args.dry_run:

@@ -13,19 +13,37 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
-__all__ = ["ROOT", "schedule_opts", "prepare_kd_shapes", "read_results", "train_and_evaluate"]
+__all__ = [
+    "ROOT",
+    "KEEP_FREED_MEMORY",
+    "schedule_opts",
+    "prepare_kd_shapes",
+    "read_results",
+    "train_and_evaluate",
+]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Which lines of train_net.py's output to show: iteration progress and the final AP table.
 _PROGRESS_MARKS = ("eta:", "Evaluation results for bbox", "error:")
 
+# glibc's malloc maps big blocks (a detector's activations) anew for each allocation and gives
+# freed memory back to the OS, so on CPU every training step pays page faults for them again.
+# With no block mapped on its own (mmap threshold 4 GiB) and nothing given back (trim threshold
+# 64 GiB) a process keeps its peak memory and steps are much cheaper (docs/cost.md, "Training on
+# CPU"). Only glibc reads these variables; values set in the environment win.
+KEEP_FREED_MEMORY = {
+    "MALLOC_MMAP_THRESHOLD_": str((4 << 30) - 1),
+    "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
+}
+
 
 def schedule_opts(iters: int) -> List[str]:
     """``KEY VALUE`` overrides for a run of ``iters`` iterations.
 
     LR steps at 75% and 92%, warmup of a fifth (at most 100 iterations), a checkpoint every
-    quarter (what an interrupted run resumes from).
+    quarter, at most every 500 iterations (what an interrupted run resumes from: a long run
+    killed at the end of a session loses at most 500 iterations).
     """
     return [
         "SOLVER.MAX_ITER",
@@ -33,7 +51,7 @@ def schedule_opts(iters: int) -> List[str]:
         "SOLVER.STEPS",
         f"({int(iters * 0.75)},{int(iters * 0.92)})",
         "SOLVER.CHECKPOINT_PERIOD",
-        str(max(iters // 4, 1)),
+        str(min(max(iters // 4, 1), 500)),
         "SOLVER.WARMUP_ITERS",
         str(min(100, iters // 5)),
     ]
@@ -98,7 +116,13 @@ def train_and_evaluate(
     print(f"[kd] {name}: training {iters} iterations -> {out_dir} (log: {out_dir}/log.txt)")
     start = time.time()
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        cmd,
+        cwd=ROOT,
+        env={**KEEP_FREED_MEMORY, **os.environ},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
     )
     tail: List[str] = []
     table_lines = 0
