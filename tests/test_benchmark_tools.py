@@ -467,3 +467,76 @@ def test_training_runs_keep_freed_memory_unless_the_user_says_otherwise(tmp_path
     assert seen["MALLOC_MMAP_THRESHOLD_"] == str(2**32 - 1)  # 4 GiB - 1: nothing mapped apart
     assert seen["MALLOC_TRIM_THRESHOLD_"] == "12345"
     assert seen["PATH"] == os.environ["PATH"]
+
+
+def test_plan_method_with_a_teacher_config_of_its_own(tmp_path):
+    """A method naming its own teacher config: that teacher is trained once (the family's
+    teacher schedule) into teachers/<config name>, and the method gets its weights and config."""
+    bt = load_script("tools/benchmark_table.py")
+    args = plan_args(bt, str(tmp_path), suite="bccd", seeds=[1, 2], methods=["student's input"])
+    runs = bt.plan(args)
+    teachers = [r for r in runs if r["kind"] == "teacher"]
+    assert [(r["config"], r["iters"]) for r in teachers] == [
+        ("fcos_teacher.yaml", 500),
+        ("fcos_teacher_student_input.yaml", 500),
+    ]
+    own = str(tmp_path / "teachers" / "fcos_teacher_student_input")
+    assert teachers[1]["out"] == own
+    gid = [r for r in runs if r["kind"] == "method"]
+    assert len(gid) == 2 and all(r["teacher_out"] == own for r in gid)
+    assert gid[0]["opts"] == [
+        "SEED",
+        "1",
+        "KD.TEACHER.WEIGHTS",
+        os.path.join(own, "model_final.pth"),
+        "KD.TEACHER.CONFIG_FILE",
+        os.path.join("configs", "bccd", "fcos_teacher_student_input.yaml"),
+    ]
+    assert bt.trained_teacher("configs/bccd/fcos_teacher_student_input.yaml") == os.path.join(
+        "output", "bccd_benchmark", "teachers", "fcos_teacher_student_input", "model_final.pth"
+    )
+
+    def finish(out, ap):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "eval_results.json"), "w") as f:
+            json.dump({"bbox": {"AP": ap, "AP50": ap, "AP75": ap, "AP-WBC": ap + 1}}, f)
+
+    finish(teachers[0]["out"], 50.0)
+    finish(own, 45.0)
+    finish(str(tmp_path / "fcos" / "seed1" / "baseline"), 40.0)
+    finish(gid[0]["out"], 42.5)
+    rows = bt.report(runs, str(tmp_path))
+    assert [(r["student"], r["teacher_AP"]) for r in rows] == [
+        ("baseline", "50.00"),
+        ("GID, teacher trained at the student's input", "45.00"),
+    ]
+    assert rows[1]["summary"]["gain_AP-WBC"]["mean"] == 2.5
+    assert "| FCOS | baseline | 41.00 | 1 |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_record_gains_per_class_aps_without_losing_its_provenance(tmp_path):
+    """A run recorded before per-class APs were read keeps its commit and date when the tool
+    adds its classes' APs from the output folder; a run with other figures is recorded anew."""
+    bt = load_script("tools/benchmark_table.py")
+    output = tmp_path / "out"
+    teacher, baseline, gid = bt.plan(plan_args(bt, str(output), student_iters=7))
+    path = str(tmp_path / "runs.json")
+    old = {"AP": 8.0, "AP50": 18.0, "AP75": 3.0}
+    record = {}
+    bt.record_run(baseline, str(output), record, old)
+    key = bt.run_key(baseline, str(output))
+    record[key].update(commit="abc1234", recorded="2026-01-01")
+    bt.save_record(path, record)
+    os.makedirs(baseline["out"])
+    with open(os.path.join(baseline["out"], "eval_results.json"), "w") as f:
+        bbox = {**old, "APs": 1.0, "AP-circle": 9.123, "AP-square": float("nan")}
+        json.dump({"bbox": bbox}, f)
+    bt.sync_record([teacher, baseline, gid], str(output), path)
+    entry = bt.load_record(path)[key]
+    assert entry["AP-circle"] == 9.12 and "AP-square" not in entry and "APs" not in entry
+    assert (entry["commit"], entry["recorded"]) == ("abc1234", "2026-01-01")
+    with open(os.path.join(baseline["out"], "eval_results.json"), "w") as f:
+        json.dump({"bbox": {**old, "AP": 9.0}}, f)  # another run's figures: recorded anew
+    bt.sync_record([teacher, baseline, gid], str(output), path)
+    entry = bt.load_record(path)[key]
+    assert entry["AP"] == 9.0 and entry["recorded"] != "2026-01-01"

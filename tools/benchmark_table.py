@@ -88,6 +88,9 @@ class Method:
     config: str
     opts: Sequence[str] = field(default_factory=tuple)
     teacher_family: Optional[str] = None  # another family's teacher (heterogeneous KD)
+    # A teacher config of its own (in the suite's folder), trained on the teacher family's
+    # schedule into teachers/<its name> and passed as KD.TEACHER.CONFIG_FILE.
+    teacher: Optional[str] = None
     schedule: int = 1  # times the family's student iterations
 
     @property
@@ -214,8 +217,23 @@ BCCD_METHODS = [
     Method("baseline, 3x schedule", "faster_rcnn", "faster_rcnn_student.yaml", schedule=3),
     Method("GID", "retinanet", "retinanet_kd_gid.yaml"),
     Method("baseline, 3x schedule", "retinanet", "retinanet_student.yaml", schedule=3),
+    # GID feeds the teacher the student's 320x240; the RetinaNet and FCOS teachers, trained at
+    # scales 240-480 and tested at 480, score 29.68 and 28.43 AP there, below their students
+    # alone (teacher_eval.json). The same teacher models trained at 320x240 (its own schedule):
+    Method(
+        "GID, teacher trained at the student's input",
+        "retinanet",
+        "retinanet_kd_gid.yaml",
+        teacher="retinanet_teacher_student_input.yaml",
+    ),
     Method("GID", "fcos", "fcos_kd_gid.yaml"),
     Method("baseline, 3x schedule", "fcos", "fcos_student.yaml", schedule=3),
+    Method(
+        "GID, teacher trained at the student's input",
+        "fcos",
+        "fcos_kd_gid.yaml",
+        teacher="fcos_teacher_student_input.yaml",
+    ),
     # The response mask's open choice (KD.GID.FCOS_ASSIGNMENT): every location inside a GI box
     # on every level [paper], or only those FCOS itself would assign to it, whose regression the
     # teacher was trained on.
@@ -369,6 +387,9 @@ def trained_teacher(teacher_config: str) -> Optional[str]:
         for family in suite.families.values():
             if family.teacher == name:
                 return os.path.join(teacher_dir(suite.output, family.name), "model_final.pth")
+        if any(m.teacher == name for m in suite.methods):
+            key = os.path.splitext(name)[0]
+            return os.path.join(teacher_dir(suite.output, key), "model_final.pth")
     return None
 
 
@@ -389,21 +410,37 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
     }
 
 
+def class_metrics(metrics: Dict[str, float]) -> List[str]:
+    """The per-class AP keys of a run's metrics (``AP-<class>``), in COCOEvaluator's order."""
+    return [k for k in metrics if k.startswith("AP-")]
+
+
 def summarize(baseline: Dict[int, Dict[str, float]], method: Dict[int, Dict[str, float]]):
     """Mean ± std of each metric over seeds, and of the per-seed gain over the baseline.
 
     Args:
-        baseline, method: ``{seed: {"AP": .., "AP50": .., "AP75": ..}}`` of finished runs.
+        baseline, method: ``{seed: {"AP": .., "AP50": .., "AP75": .., "AP-<class>": ..}}`` of
+            finished runs (per-class APs where recorded).
 
     Returns:
-        ``{metric: mean_std, "gain_AP": mean_std over the seeds both have}``; empty without runs.
+        ``{metric: mean_std, "gain_AP": mean_std over the seeds both have}``, and for each
+        class that every run has, ``"AP-<class>"`` and ``"gain_AP-<class>"`` alike; empty
+        without runs.
     """
     if not method:
         return {}
-    out = {m: mean_std([r[m] for r in method.values()]) for m in METRICS}
+    classes = [
+        c
+        for c in class_metrics(next(iter(method.values())))
+        if all(c in r for r in method.values())
+    ]
+    out = {m: mean_std([r[m] for r in method.values()]) for m in (*METRICS, *classes)}
     paired = sorted(set(baseline) & set(method))
     if paired:
         out["gain_AP"] = mean_std([method[s]["AP"] - baseline[s]["AP"] for s in paired])
+        for c in classes:
+            if all(c in baseline[s] for s in paired):
+                out[f"gain_{c}"] = mean_std([method[s][c] - baseline[s][c] for s in paired])
     return out
 
 
@@ -428,6 +465,31 @@ def markdown_table(rows: List[dict]) -> str:
             f"{_fmt(s.get('AP50'))} | {_fmt(s.get('AP75'))} | "
             f"{_fmt(s.get('gain_AP'), signed=True) if r['student'] != 'baseline' else ''} | "
             f"{seeds} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_class_table(rows: List[dict]) -> str:
+    """Per-class AP: each baseline's mean ± std, and each method's gain over it (paired by seed);
+    empty when no run recorded per-class APs."""
+    classes = list(dict.fromkeys(k for r in rows for k in r["summary"] if k.startswith("AP-")))
+    if not classes:
+        return ""
+    names = [c[len("AP-") :] for c in classes]
+    lines = [
+        "| family | student | " + " | ".join(f"{n} AP (gain)" for n in names) + " | seeds |",
+        "| --- | --- |" + " ---: |" * len(classes) + " ---: |",
+    ]
+    for r in rows:
+        s = r["summary"]
+        if not any(c in s for c in classes):
+            continue
+        if r["student"] == "baseline":
+            cells = [_fmt(s.get(c)) for c in classes]
+        else:
+            cells = [_fmt(s.get(f"gain_{c}"), signed=True) for c in classes]
+        lines.append(
+            f"| {r['family']} | {r['student']} | " + " | ".join(cells) + f" | {s['AP']['n']} |"
         )
     return "\n".join(lines)
 
@@ -484,20 +546,36 @@ def plan(args) -> List[dict]:
         return given or (family.teacher_iters if teacher else family.student_iters)
 
     runs = []
-    for name in sorted(teachers):
-        fam = suite.families[name]
-        runs.append(
-            dict(
-                suite=suite.name,
-                kind="teacher",
-                family=name,
-                title="teacher",
-                config=fam.teacher,
-                out=teacher_dir(args.output, name),
-                iters=iters(fam, True),
-                opts=[],
+    teacher_outs = set()
+
+    def add_teacher(key: str, fam: Family, config: str) -> str:
+        out = teacher_dir(args.output, key)
+        if out not in teacher_outs:
+            teacher_outs.add(out)
+            title = "teacher" if config == fam.teacher else f"teacher ({config})"
+            runs.append(
+                dict(
+                    suite=suite.name,
+                    kind="teacher",
+                    family=fam.name,
+                    title=title,
+                    config=config,
+                    out=out,
+                    iters=iters(fam, True),
+                    opts=[],
+                )
             )
-        )
+        return out
+
+    for name in sorted(teachers):
+        add_teacher(name, suite.families[name], suite.families[name].teacher)
+    method_teacher = {}  # method -> its teacher's output folder
+    for m in methods:
+        fam = suite.families[m.teacher_family or m.family]
+        if m.teacher:
+            method_teacher[m] = add_teacher(os.path.splitext(m.teacher)[0], fam, m.teacher)
+        else:
+            method_teacher[m] = teacher_dir(args.output, fam.name)
     for seed in args.seeds:
         for fam in families:
             runs.append(
@@ -514,17 +592,21 @@ def plan(args) -> List[dict]:
                 )
             )
             for m in (m for m in methods if m.family == fam.name):
-                t = os.path.join(
-                    teacher_dir(args.output, m.teacher_family or fam.name), "model_final.pth"
-                )
+                t = os.path.join(method_teacher[m], "model_final.pth")
                 # A longer baseline has no teacher (nor needs one trained).
                 teacher_opts = [] if m.config == fam.student else ["KD.TEACHER.WEIGHTS", t]
+                if m.teacher:
+                    teacher_opts += [
+                        "KD.TEACHER.CONFIG_FILE",
+                        os.path.join(suite.configs, m.teacher),
+                    ]
                 runs.append(
                     dict(
                         suite=suite.name,
                         kind="method",
                         family=fam.name,
                         teacher_family=m.teacher_family or fam.name,
+                        teacher_out=method_teacher[m],
                         title=m.title,
                         seed=seed,
                         config=m.config,
@@ -579,7 +661,7 @@ def recorded(run: dict, output: str, record: Dict[str, dict]) -> Optional[Dict[s
     entry = record.get(run_key(run, output))
     if entry is None or entry["identity"] != run_identity(run, output):
         return None
-    return {m: entry[m] for m in METRICS}
+    return {k: v for k, v in entry.items() if k in METRICS or k.startswith("AP-")}
 
 
 def record_run(run: dict, output: str, record: Dict[str, dict], metrics: Dict[str, float]) -> None:
@@ -606,9 +688,16 @@ def sync_record(runs: List[dict], output: str, path: str) -> None:
     for r in runs:
         if os.path.isfile(os.path.join(r["out"], "eval_results.json")):
             metrics = read_results(r["out"])
-            if recorded(r, output, record) != metrics:
+            known = recorded(r, output, record)
+            if known == metrics:
+                continue
+            if known is not None and all(known[m] == metrics[m] for m in METRICS):
+                # The same run, recorded before per-class APs were: add them, keeping the
+                # commit and date it was recorded with.
+                record[run_key(r, output)].update(metrics)
+            else:
                 record_run(r, output, record, metrics)
-                added += 1
+            added += 1
     if added:
         save_record(path, record)
         print(f"[benchmark] recorded {added} finished run(s) in {path}")
@@ -781,8 +870,7 @@ def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = No
     suite = suite_of(runs[0]) if runs else SUITES["kd_shapes"]
     rows = []
 
-    def teacher_ap(family: str) -> str:
-        t_dir = teacher_dir(output, family)
+    def teacher_ap(t_dir: str) -> str:
         return f"{finished[t_dir]['AP']:.2f}" if t_dir in finished else "-"
 
     for fam in dict.fromkeys(r["family"] for r in runs if r["kind"] != "teacher"):
@@ -791,9 +879,10 @@ def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = No
             if r["family"] == fam and r["kind"] != "teacher" and r["out"] in finished:
                 per_title.setdefault(r["title"], {})[r["seed"]] = finished[r["out"]]
         baseline = per_title.get("baseline", {})
-        # title -> whose teacher it learns from (another family's for heterogeneous KD)
+        # title -> the teacher it learns from (another family's for heterogeneous KD, or one of
+        # its own); the family's for baselines
         titles = {
-            r["title"]: r.get("teacher_family", fam)
+            r["title"]: r.get("teacher_out", teacher_dir(output, fam))
             for r in runs
             if r["family"] == fam and r["kind"] != "teacher"
         }
@@ -809,6 +898,9 @@ def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = No
             )
     os.makedirs(output, exist_ok=True)
     table = markdown_table(rows)
+    class_table = markdown_class_table(rows)
+    if class_table:
+        table += "\n\nPer class: the baseline's AP, each method's gain over it\n\n" + class_table
     with open(os.path.join(output, "benchmark.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(output, "results.json"), "w") as f:

@@ -7,6 +7,7 @@ simply be started again.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,10 +85,16 @@ def prepare_kd_shapes(datasets: str, num_train: int, num_val: int, seed: int = 0
 
 
 def read_results(out_dir: str) -> Dict[str, float]:
-    """AP, AP50, AP75 of a finished run (its ``eval_results.json``)."""
+    """AP, AP50, AP75 and each class's AP (``AP-<class>``, COCOEvaluator's names; a class
+    without a figure, e.g. absent from the evaluation set, is left out) of a finished run (its
+    ``eval_results.json``)."""
     with open(os.path.join(out_dir, "eval_results.json")) as f:
         bbox = json.load(f)["bbox"]
-    return {k: round(float(bbox[k]), 2) for k in ("AP", "AP50", "AP75")}
+    return {
+        k: round(float(v), 2)
+        for k, v in bbox.items()
+        if (k in ("AP", "AP50", "AP75") or k.startswith("AP-")) and math.isfinite(float(v))
+    }
 
 
 def _shorten(line: str) -> str:
