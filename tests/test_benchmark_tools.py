@@ -66,11 +66,16 @@ def test_plan_and_report_from_finished_runs(tmp_path):
     finish("teachers/fcos", 20.0)
     finish("fcos/seed1/baseline", 8.0)
     finish("fcos/seed1/gid", 9.5)  # seed 2 unfinished: reported over what has finished
+    # What the distiller measured of its teacher, on the student's input (kd.teacher_eval).
+    (tmp_path / "fcos/seed1/gid/teacher_eval.json").write_text(
+        json.dumps([{"key": {}, "results": {"bbox": {"AP": 17.254}}}])
+    )
     rows = bt.report(runs, str(tmp_path))
     gid_row = [r for r in rows if r["student"] == "GID"][0]
     assert gid_row["summary"]["gain_AP"]["mean"] == 1.5 and gid_row["teacher_AP"] == "20.00"
     table = (tmp_path / "benchmark.md").read_text()
-    assert "| FCOS | GID | 20.00 | 9.50 | 19.50 | 4.50 | +1.50 | 1 |" in table
+    assert "| FCOS | GID | 20.00 | 17.25 | 9.50 | 19.50 | 4.50 | +1.50 | 1 |" in table
+    assert "| FCOS | baseline | 20.00 |  | 8.00 | 18.00 | 3.00 |  | 1 |" in table
     assert (tmp_path / "benchmark.png").stat().st_size > 0
 
 

@@ -435,6 +435,8 @@ def summarize(baseline: Dict[int, Dict[str, float]], method: Dict[int, Dict[str,
         if all(c in r for r in method.values())
     ]
     out = {m: mean_std([r[m] for r in method.values()]) for m in (*METRICS, *classes)}
+    if all("teacher_AP" in r for r in method.values()):
+        out["teacher_AP"] = mean_std([r["teacher_AP"] for r in method.values()])
     paired = sorted(set(baseline) & set(method))
     if paired:
         out["gain_AP"] = mean_std([method[s]["AP"] - baseline[s]["AP"] for s in paired])
@@ -452,17 +454,22 @@ def _fmt(stat: Optional[Dict[str, float]], signed: bool = False) -> str:
 
 
 def markdown_table(rows: List[dict]) -> str:
-    """The README table: one line per family baseline and per method."""
+    """The README table: one line per family baseline and per method. "teacher AP" is the
+    teacher's own evaluation, "at the student's input" what the distiller measured before the
+    first step, on the input it feeds the teacher (lower when that differs from the one the
+    teacher was tested at)."""
     lines = [
-        "| family | student | teacher AP | AP | AP50 | AP75 | gain (AP) | seeds |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| family | student | teacher AP | at the student's input | AP | AP50 | AP75 | gain (AP) "
+        "| seeds |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         s = r["summary"]
         seeds = s["AP"]["n"] if s else 0
+        seen = f"{s['teacher_AP']['mean']:.2f}" if "teacher_AP" in s else ""
         lines.append(
-            f"| {r['family']} | {r['student']} | {r['teacher_AP']} | {_fmt(s.get('AP'))} | "
-            f"{_fmt(s.get('AP50'))} | {_fmt(s.get('AP75'))} | "
+            f"| {r['family']} | {r['student']} | {r['teacher_AP']} | {seen} | "
+            f"{_fmt(s.get('AP'))} | {_fmt(s.get('AP50'))} | {_fmt(s.get('AP75'))} | "
             f"{_fmt(s.get('gain_AP'), signed=True) if r['student'] != 'baseline' else ''} | "
             f"{seeds} |"
         )
@@ -661,7 +668,7 @@ def recorded(run: dict, output: str, record: Dict[str, dict]) -> Optional[Dict[s
     entry = record.get(run_key(run, output))
     if entry is None or entry["identity"] != run_identity(run, output):
         return None
-    return {k: v for k, v in entry.items() if k in METRICS or k.startswith("AP-")}
+    return {k: v for k, v in entry.items() if k in (*METRICS, "teacher_AP") or k.startswith("AP-")}
 
 
 def record_run(run: dict, output: str, record: Dict[str, dict], metrics: Dict[str, float]) -> None:

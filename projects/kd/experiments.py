@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
+from kd.teacher_eval import CACHE_FILE
+
 __all__ = [
     "ROOT",
     "KEEP_FREED_MEMORY",
@@ -87,14 +89,22 @@ def prepare_kd_shapes(datasets: str, num_train: int, num_val: int, seed: int = 0
 def read_results(out_dir: str) -> Dict[str, float]:
     """AP, AP50, AP75 and each class's AP (``AP-<class>``, COCOEvaluator's names; a class
     without a figure, e.g. absent from the evaluation set, is left out) of a finished run (its
-    ``eval_results.json``)."""
+    ``eval_results.json``), and for a distilled student the box AP its teacher scored before
+    the first step, on the student's input (``teacher_AP``, from ``teacher_eval.json``)."""
     with open(os.path.join(out_dir, "eval_results.json")) as f:
         bbox = json.load(f)["bbox"]
-    return {
+    results = {
         k: round(float(v), 2)
         for k, v in bbox.items()
         if (k in ("AP", "AP50", "AP75") or k.startswith("AP-")) and math.isfinite(float(v))
     }
+    teacher_eval = os.path.join(out_dir, CACHE_FILE)
+    if os.path.isfile(teacher_eval):
+        with open(teacher_eval) as f:
+            entries = json.load(f)
+        if entries:  # the last evaluation: the teacher this run resumed with
+            results["teacher_AP"] = round(float(entries[-1]["results"]["bbox"]["AP"]), 2)
+    return results
 
 
 def _shorten(line: str) -> str:
