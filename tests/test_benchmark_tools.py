@@ -237,19 +237,44 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     out = tmp_path / "run"
     lock = out / bt.LOCK_FILE
     with bt.run_lock(str(out)):
-        assert lock.read_text() == str(os.getpid())
+        assert lock.read_text().split()[0] == str(os.getpid())
     assert not lock.exists()  # released
     # Held by another live process (this one's parent): refused, the lock left as it was.
-    lock.write_text(str(os.getppid()))
-    with pytest.raises(bt.RunLocked) as e:
-        with bt.run_lock(str(out)):
-            pass
-    assert e.value.args[0] == os.getppid() and lock.read_text() == str(os.getppid())
+    parent = os.getppid()
+    for held in (str(parent), f"{parent} {bt._start_time(parent)}"):
+        lock.write_text(held)
+        with pytest.raises(bt.RunLocked) as e:
+            with bt.run_lock(str(out)):
+                pass
+        assert e.value.args[0] == parent and lock.read_text() == held
     # Left by a process that has exited: taken over, and released after.
     lock.write_text(str(_dead_pid()))
     with bt.run_lock(str(out)):
-        assert lock.read_text() == str(os.getpid())
+        assert lock.read_text().split()[0] == str(os.getpid())
     assert not lock.exists()
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/stat"), reason="needs Linux's /proc")
+def test_run_lock_sees_a_reused_pid_as_stale(tmp_path):
+    """The lock names its process by pid and start time: a live process with the lock's pid
+    but another start time (the pid reused, or a reboot) does not hold it."""
+    bt = load_script("tools/benchmark_table.py")
+    parent = os.getppid()
+    start = bt._start_time(parent)
+    # Checked against ps: started (uptime - elapsed seconds) after boot, in clock ticks.
+    if shutil.which("ps"):
+        elapsed = subprocess.run(
+            ["ps", "-o", "etimes=", "-p", str(parent)], capture_output=True, text=True
+        ).stdout
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        ticks = os.sysconf("SC_CLK_TCK")
+        assert abs(int(start) / ticks - (uptime - int(elapsed))) < 2.0
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / bt.LOCK_FILE).write_text(f"{parent} {int(start) + 1}")
+    with bt.run_lock(str(out)):
+        assert (out / bt.LOCK_FILE).read_text() == f"{os.getpid()} {bt._start_time(os.getpid())}"
 
 
 def test_runs_of_a_locked_teacher_are_skipped(tmp_path, monkeypatch, capsys):
@@ -265,7 +290,8 @@ def test_runs_of_a_locked_teacher_are_skipped(tmp_path, monkeypatch, capsys):
     trained = []
 
     def fake_train(name, config, out, iters, opts):
-        assert (tmp_path / out / bt.LOCK_FILE).read_text() == str(os.getpid())  # held meanwhile
+        held = (tmp_path / out / bt.LOCK_FILE).read_text()
+        assert held.split()[0] == str(os.getpid())  # held meanwhile
         trained.append(out)
         return {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}
 

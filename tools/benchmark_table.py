@@ -34,10 +34,10 @@ or another seed (its ``config.yaml``) stops the tool with a line naming it, rath
 resumed or reported as the planned run.
 
 Several benchmark processes may run at once (e.g. one per family, one thread each): a run being
-trained holds ``OUTPUT/<run>/.benchmark.lock`` (the process id), and another process skips that
-run, and the students that need its weights, with a line saying so (run the command again once
-it finished); a lock left by a process that no longer exists is taken over (the run resumes from
-its last checkpoint).
+trained holds ``OUTPUT/<run>/.benchmark.lock`` (the process id and start time), and another
+process skips that run, and the students that need its weights, with a line saying so (run the
+command again once it finished); a lock left by a process that no longer exists is taken over
+(the run resumes from its last checkpoint).
 """
 
 import argparse
@@ -796,38 +796,64 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _start_time(pid: int) -> str:
+    """When the process started (clock ticks since boot, Linux's /proc), '' where unknown. With
+    the pid it names one process: a lock whose pid now belongs to another process (reused, or
+    after a reboot) is stale."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # after "pid (command)": state is field 3, starttime field 22
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _lock_holder(path: str) -> Optional[int]:
+    """The live process holding the lock file ``path``, or None (gone, reused pid, unreadable)."""
+    try:
+        with open(path) as f:
+            pid, _, start = f.read().strip().partition(" ")
+        pid = int(pid or 0)
+    except (OSError, ValueError):
+        return None
+    if not pid or pid == os.getpid() or not _alive(pid):
+        return None
+    if start and _start_time(pid) not in ("", start):
+        return None
+    return pid
+
+
 @contextlib.contextmanager
 def run_lock(out: str) -> Iterator[None]:
-    """Hold ``out``'s lock while training it: created atomically with this process's id, removed
-    afterwards. A lock whose process no longer exists is taken over.
+    """Hold ``out``'s lock while training it: created atomically with this process's id and
+    start time, removed afterwards. A lock whose process no longer exists is taken over.
 
     Raises:
         RunLocked: a live process holds it.
     """
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, LOCK_FILE)
+    holder = None
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                with open(path) as f:
-                    pid = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise RunLocked(pid) from None
-            os.remove(path)  # stale (or half-written): its process is gone
+            holder = _lock_holder(path)
+            if holder is not None:
+                raise RunLocked(holder) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale (or half-written): its process is gone
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            f.write(f"{os.getpid()} {_start_time(os.getpid())}".strip())
         try:
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
         return
-    raise RunLocked(0)
+    # Lost the race for the lock twice: another process has just taken it.
+    raise RunLocked(_lock_holder(path) or 0)
 
 
 def train_runs(
