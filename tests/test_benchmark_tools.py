@@ -170,6 +170,8 @@ def test_bccd_long_suite_plan(tmp_path):
     titles = {t for _, t in by_title}
     assert not any("3x" in t or "equal map size" in t or "own assignment" in t for t in titles)
     assert "Chen et al. 2017 without hints" in titles
+    assert "GID, teacher trained at the student's input, feature weight 2.5e-4" in titles
+    assert "GID, teacher trained at the student's input" not in titles
     gid = by_title[("fcos", "GID")]
     assert bt.run_key(gid, str(tmp_path)) == "bccd_long/fcos/seed1/gid"
 
@@ -504,7 +506,7 @@ def test_plan_method_with_a_teacher_config_of_its_own(tmp_path):
     """A method naming its own teacher config: that teacher is trained once (the family's
     teacher schedule) into teachers/<config name>, and the method gets its weights and config."""
     bt = load_script("tools/benchmark_table.py")
-    args = plan_args(bt, str(tmp_path), suite="bccd", seeds=[1, 2], methods=["student's input"])
+    args = plan_args(bt, str(tmp_path), suite="bccd", seeds=[1, 2], methods=["student's input$"])
     runs = bt.plan(args)
     teachers = [r for r in runs if r["kind"] == "teacher"]
     assert [(r["config"], r["iters"]) for r in teachers] == [
