@@ -418,7 +418,8 @@ def summarize(baseline: Dict[int, Dict[str, float]], method: Dict[int, Dict[str,
 
     Returns:
         ``{metric: mean_std, "gain_AP": mean_std over the seeds both have}``, and for each
-        class that every run has, ``"AP-<class>"`` and ``"gain_AP-<class>"`` alike; empty
+        class that every run has, ``"AP-<class>"`` and ``"gain_AP-<class>"`` alike, and
+        ``"teacher_AP"`` (the teacher at the student's input) when every run has it; empty
         without runs.
     """
     if not method:
