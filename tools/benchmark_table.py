@@ -171,6 +171,32 @@ BCCD_FAMILIES = families(
     }
 )
 
+
+def gid_with_student_input_teacher(family: str) -> List[Method]:
+    """GID rows of a BCCD one-stage family whose teacher is trained at the student's input.
+
+    GID feeds the teacher the student's 320x240; the RetinaNet and FCOS teachers, trained at
+    scales 240-480 and tested at 480, score 29.68 and 28.43 AP there, below their students alone
+    (teacher_eval.json). These rows use the same teacher models trained at 320x240
+    (``<family>_teacher_student_input.yaml``, on the family's teacher schedule), at the config's
+    feature weight and at the one the other GID configs' rule gives for them: their feature term
+    starts twice as high (raw 21,800 RetinaNet, 15,000 FCOS, tools/loss_scale.py on training
+    batches), and starting it near the student's own losses (5.7 and 4.1) gives 2.5e-4, not 5e-4.
+    """
+    title = "GID, teacher trained at the student's input"
+    config, teacher = f"{family}_kd_gid.yaml", f"{family}_teacher_student_input.yaml"
+    return [
+        Method(title, family, config, teacher=teacher),
+        Method(
+            f"{title}, feature weight 2.5e-4",
+            family,
+            config,
+            ("KD.GID.FEATURE_WEIGHT", "2.5e-4"),
+            teacher=teacher,
+        ),
+    ]
+
+
 BCCD_METHODS = [
     Method(
         "Chen et al. 2017 (low-resolution student)", "faster_rcnn", "faster_rcnn_kd_chen2017.yaml"
@@ -207,40 +233,10 @@ BCCD_METHODS = [
     Method("baseline, 3x schedule", "faster_rcnn", "faster_rcnn_student.yaml", schedule=3),
     Method("GID", "retinanet", "retinanet_kd_gid.yaml"),
     Method("baseline, 3x schedule", "retinanet", "retinanet_student.yaml", schedule=3),
-    # GID feeds the teacher the student's 320x240; the RetinaNet and FCOS teachers, trained at
-    # scales 240-480 and tested at 480, score 29.68 and 28.43 AP there, below their students
-    # alone (teacher_eval.json). The same teacher models trained at 320x240 (its own schedule):
-    Method(
-        "GID, teacher trained at the student's input",
-        "retinanet",
-        "retinanet_kd_gid.yaml",
-        teacher="retinanet_teacher_student_input.yaml",
-    ),
-    # With those teachers the feature term starts twice as high (raw 21,800 RetinaNet, 15,000
-    # FCOS, tools/loss_scale.py on training batches); the sizing rule of the other GID configs
-    # (the term starts near the student's own losses, 5.7 and 4.1) gives 2.5e-4 instead of 5e-4.
-    Method(
-        "GID, teacher trained at the student's input, feature weight 2.5e-4",
-        "retinanet",
-        "retinanet_kd_gid.yaml",
-        ("KD.GID.FEATURE_WEIGHT", "2.5e-4"),
-        teacher="retinanet_teacher_student_input.yaml",
-    ),
+    *gid_with_student_input_teacher("retinanet"),
     Method("GID", "fcos", "fcos_kd_gid.yaml"),
     Method("baseline, 3x schedule", "fcos", "fcos_student.yaml", schedule=3),
-    Method(
-        "GID, teacher trained at the student's input",
-        "fcos",
-        "fcos_kd_gid.yaml",
-        teacher="fcos_teacher_student_input.yaml",
-    ),
-    Method(
-        "GID, teacher trained at the student's input, feature weight 2.5e-4",
-        "fcos",
-        "fcos_kd_gid.yaml",
-        ("KD.GID.FEATURE_WEIGHT", "2.5e-4"),
-        teacher="fcos_teacher_student_input.yaml",
-    ),
+    *gid_with_student_input_teacher("fcos"),
     # The response mask's open choice (KD.GID.FCOS_ASSIGNMENT): every location inside a GI box
     # on every level [paper], or only those FCOS itself would assign to it, whose regression the
     # teacher was trained on.
