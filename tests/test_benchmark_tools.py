@@ -178,8 +178,11 @@ def test_bccd_long_suite_plan(tmp_path):
 
 def test_schedule_checkpoints_and_the_record_still_matches():
     """A checkpoint every quarter of the run, at most every 500 iterations; every recorded run's
-    schedule is still what the rule gives for its iterations (else it would be retrained)."""
+    schedule is still what the rule gives for its iterations and its suite's evaluations (else
+    it would be retrained)."""
     from kd.experiments import schedule_opts
+
+    bt = load_script("tools/benchmark_table.py")
 
     def period(iters):
         opts = schedule_opts(iters)
@@ -197,9 +200,40 @@ def test_schedule_checkpoints_and_the_record_still_matches():
     stale = [
         k
         for k, v in record.items()
-        if v["identity"]["schedule"] != schedule_opts(v["identity"]["iters"])
+        if v["identity"]["schedule"]
+        != schedule_opts(
+            v["identity"]["iters"], bt.SUITES[v["identity"].get("suite", "kd_shapes")].evals
+        )
     ]
     assert record and not stale
+
+
+def test_periodic_evaluations_make_the_curve(tmp_path):
+    """bccd_long evaluates ten times a run: TEST.EVAL_PERIOD in the schedule and its identity;
+    the curve is read from metrics.json (EvalHook's 0-based iteration + 1, a repeated iteration
+    after a resume keeps its last value, a line cut short by a kill is ignored)."""
+    from kd.experiments import ap_curve, schedule_opts
+
+    opts = schedule_opts(600, 10)
+    assert opts[opts.index("TEST.EVAL_PERIOD") + 1] == "60"
+    assert "TEST.EVAL_PERIOD" not in schedule_opts(600)
+    lines = [
+        {"iteration": 19, "total_loss": 1.0},
+        {"iteration": 59, "bbox/AP": 2.7094, "bbox/AP50": 9.0},
+        {"iteration": 119, "bbox/AP": 10.0},
+        {"iteration": 119, "bbox/AP": 11.5},
+        {"iteration": 179, "bbox/AP": float("nan")},
+    ]
+    with open(tmp_path / "metrics.json", "w") as f:
+        f.write("".join(json.dumps(x) + "\n" for x in lines) + '{"iteration": 23')
+    assert ap_curve(str(tmp_path)) == [[60, 2.71], [120, 11.5]]
+    bt = load_script("tools/benchmark_table.py")
+    args = plan_args(bt, tmp_path / "long", suite="bccd_long")
+    run = next(r for r in bt.plan(args) if r["kind"] == "baseline")
+    assert bt.run_identity(run, args.output)["schedule"] == schedule_opts(900, 10)
+    args = plan_args(bt, tmp_path / "short", suite="bccd")
+    run = next(r for r in bt.plan(args) if r["kind"] == "baseline")
+    assert "TEST.EVAL_PERIOD" not in bt.run_identity(run, args.output)["schedule"]
 
 
 def test_output_folder_of_another_run_is_refused(tmp_path, capsys):

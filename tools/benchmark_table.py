@@ -313,6 +313,8 @@ class Suite:
     methods: List[Method]
     evaluated_on: str
     prepare: Callable[[argparse.Namespace], None]
+    # Evaluations during each run (the AP curve of the record; 0: one at the end).
+    evals: int = 0
 
     def record_key(self, relative: str) -> str:
         # kd_shapes keeps the keys the record had before there were suites.
@@ -346,6 +348,7 @@ SUITES = {
         BCCD_LONG_METHODS,
         "BCCD val",
         _prepare_bccd,
+        evals=10,
     ),
 }
 
@@ -631,7 +634,7 @@ def run_identity(run: dict, output: str) -> dict:
     identity = {
         "config": run["config"],
         "iters": run["iters"],
-        "schedule": schedule_opts(run["iters"]),
+        "schedule": schedule_opts(run["iters"], suite_of(run).evals),
         "opts": opts,
     }
     if suite_of(run).name != "kd_shapes":
@@ -659,7 +662,11 @@ def recorded(run: dict, output: str, record: Dict[str, dict]) -> Optional[Dict[s
     entry = record.get(run_key(run, output))
     if entry is None or entry["identity"] != run_identity(run, output):
         return None
-    return {k: v for k, v in entry.items() if k in (*METRICS, "teacher_AP") or k.startswith("AP-")}
+    return {
+        k: v
+        for k, v in entry.items()
+        if k in (*METRICS, "teacher_AP", "curve") or k.startswith("AP-")
+    }
 
 
 def record_run(run: dict, output: str, record: Dict[str, dict], metrics: Dict[str, float]) -> None:
@@ -871,7 +878,12 @@ def train_runs(
         try:
             with run_lock(r["out"]):
                 metrics = train_and_evaluate(
-                    name, os.path.join(configs, r["config"]), r["out"], r["iters"], r["opts"]
+                    name,
+                    os.path.join(configs, r["config"]),
+                    r["out"],
+                    r["iters"],
+                    r["opts"],
+                    suite_of(r).evals,
                 )
         except RunLocked as e:
             print(

@@ -41,14 +41,20 @@ KEEP_FREED_MEMORY = {
 }
 
 
-def schedule_opts(iters: int) -> List[str]:
+def schedule_opts(iters: int, evals: int = 0) -> List[str]:
     """``KEY VALUE`` overrides for a run of ``iters`` iterations.
 
     LR steps at 75% and 92%, warmup of a fifth (at most 100 iterations), a checkpoint every
     quarter, at most every 500 iterations (what an interrupted run resumes from: a long run
     killed at the end of a session loses at most 500 iterations).
+
+    Args:
+        iters: the run's iterations.
+        evals: evaluations during the run (``TEST.EVAL_PERIOD`` ``iters // evals``; the curve
+            :func:`read_results` returns); 0 evaluates once, at the end.
     """
-    return [
+    periodic = ["TEST.EVAL_PERIOD", str(max(iters // evals, 1))] if evals else []
+    return periodic + [
         "SOLVER.MAX_ITER",
         str(iters),
         "SOLVER.STEPS",
@@ -90,7 +96,9 @@ def read_results(out_dir: str) -> Dict[str, float]:
     """AP, AP50, AP75 and each class's AP (``AP-<class>``, COCOEvaluator's names; a class
     without a figure, e.g. absent from the evaluation set, is left out) of a finished run (its
     ``eval_results.json``), and for a distilled student the box AP its teacher scored before
-    the first step, on the student's input (``teacher_AP``, from ``teacher_eval.json``)."""
+    the first step, on the student's input (``teacher_AP``, from ``teacher_eval.json``), and
+    for a run evaluated periodically its ``curve``: ``[[iteration, AP], ...]`` from
+    ``metrics.json`` (iterations counted from 1, as detectron2's EvalHook logs them)."""
     with open(os.path.join(out_dir, "eval_results.json")) as f:
         bbox = json.load(f)["bbox"]
     results = {
@@ -104,7 +112,29 @@ def read_results(out_dir: str) -> Dict[str, float]:
             entries = json.load(f)
         if entries:  # the last evaluation: the teacher this run resumed with
             results["teacher_AP"] = round(float(entries[-1]["results"]["bbox"]["AP"]), 2)
+    curve = ap_curve(out_dir)
+    if len(curve) > 1:
+        results["curve"] = curve
     return results
+
+
+def ap_curve(out_dir: str) -> List[List[float]]:
+    """``[[iteration, AP], ...]`` of every evaluation a run logged in ``metrics.json`` (a resumed
+    run's repeated iterations keep the last value), in iteration order; empty without any."""
+    path = os.path.join(out_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return []
+    by_iter: Dict[int, float] = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            ap = entry.get("bbox/AP")
+            if ap is not None and math.isfinite(float(ap)):
+                by_iter[int(entry["iteration"]) + 1] = round(float(ap), 2)
+    return [[i, by_iter[i]] for i in sorted(by_iter)]
 
 
 def _shorten(line: str) -> str:
@@ -114,7 +144,7 @@ def _shorten(line: str) -> str:
 
 
 def train_and_evaluate(
-    name: str, config: str, out_dir: str, iters: int, opts: Sequence[str] = ()
+    name: str, config: str, out_dir: str, iters: int, opts: Sequence[str] = (), evals: int = 0
 ) -> Dict[str, float]:
     """Train ``config`` for ``iters`` iterations into ``out_dir`` and return its AP figures.
 
@@ -124,12 +154,13 @@ def train_and_evaluate(
         out_dir: the run's OUTPUT_DIR.
         iters: iterations (the schedule follows :func:`schedule_opts`).
         opts: more ``KEY VALUE`` overrides (teacher weights, seed, method switches).
+        evals: evaluations during training (:func:`schedule_opts`), 0 for one at the end.
     """
     if os.path.isfile(os.path.join(out_dir, "eval_results.json")):
         print(f"[kd] {name}: already done ({out_dir})", flush=True)
         return read_results(out_dir)
     cmd = [sys.executable, "train_net.py", "--config-file", config, "--resume"]
-    cmd += ["OUTPUT_DIR", out_dir, *schedule_opts(iters), *opts]
+    cmd += ["OUTPUT_DIR", out_dir, *schedule_opts(iters, evals), *opts]
     print(f"[kd] {name}: training {iters} iterations -> {out_dir} (log: {out_dir}/log.txt)")
     start = time.time()
     proc = subprocess.Popen(
