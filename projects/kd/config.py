@@ -65,6 +65,18 @@ def add_kd_config(cfg: CN) -> None:
     # this factor while the teacher keeps full size; points are mapped between the two.
     cfg.KD.STUDENT.INPUT_SCALE = 1.0
 
+    # ---------------------------------------------------------------- schedule of the KD terms
+    # A factor on every loss_kd_* term (on top of each method's weights; the student's own losses
+    # untouched), a function of the iteration alone, so resume-exact (kd/schedule.py). [open: no
+    # paper schedules its terms] The defaults give 1 at every iteration.
+    _s = cfg.KD.LOSS_SCHEDULE = CN()
+    # Iterations over which the factor rises linearly from 0 (iteration 0) to 1; 0: no warm-up.
+    _s.WARMUP_ITERS = 0
+    # The iteration from which the KD terms stop or decay; 0: never.
+    _s.END_ITER = 0
+    # From END_ITER: "stop" (factor 0), or "linear" / "cosine" decay to 0 at SOLVER.MAX_ITER.
+    _s.AFTER_END = "stop"
+
     # ---------------------------------------------------------------- Chen et al. 2017
     # Losses named loss_kd_chen2017_<term>. Defaults are the paper's (METHODS.md section 1).
     _c = cfg.KD.CHEN2017 = CN()

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList, Instances
+from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from kd.schedule import KDLossSchedule, current_iteration
 from kd.teacher import TeacherInfo, build_teacher
 
 __all__ = ["Distiller", "student_config"]
@@ -53,6 +55,7 @@ class Distiller(nn.Module):
         teacher_input_format: str,
         student_input_format: str,
         student_input_scale: float = 1.0,
+        loss_schedule: Optional[KDLossSchedule] = None,
     ):
         """
         Args:
@@ -61,6 +64,8 @@ class Distiller(nn.Module):
             teacher_input_format: the teacher's ``INPUT.FORMAT`` ("BGR" or "RGB").
             student_input_format: the student's ``INPUT.FORMAT``; images arrive in this format.
             student_input_scale: the low-resolution factor of the student's input (1 = same size).
+            loss_schedule: the factor of the ``loss_kd_*`` terms per iteration
+                (``KD.LOSS_SCHEDULE``); None: 1 throughout.
         """
         super().__init__()
         self.student = student
@@ -69,6 +74,7 @@ class Distiller(nn.Module):
         if not 0 < student_input_scale <= 1:
             raise ValueError(f"KD.STUDENT.INPUT_SCALE must be in (0, 1], got {student_input_scale}")
         self.student_input_scale = student_input_scale
+        self.loss_schedule = loss_schedule
 
     @classmethod
     def build_pair(cls, cfg: CfgNode) -> "tuple[dict, TeacherInfo]":
@@ -97,6 +103,7 @@ class Distiller(nn.Module):
             "teacher_input_format": info.input_format,
             "student_input_format": cfg.INPUT.FORMAT,
             "student_input_scale": cfg.KD.STUDENT.INPUT_SCALE,
+            "loss_schedule": KDLossSchedule(cfg),
         }
         return kwargs, info
 
@@ -160,7 +167,20 @@ class Distiller(nn.Module):
         """
         if not self.training:
             return self.student(self.student_inputs(batched_inputs))
-        return self.forward_train(batched_inputs)
+        return self.scheduled(self.forward_train(batched_inputs))
+
+    def scheduled(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``losses`` with every ``loss_kd_*`` term multiplied by the schedule's factor at the
+        trainer's iteration (logged as ``kd/loss_factor``); unchanged for a constant schedule or
+        outside a trainer. The terms stay in the graph at factor 0, so that DDP finds every
+        adapter used."""
+        schedule = self.loss_schedule
+        iteration = None if schedule is None or schedule.constant else current_iteration()
+        if iteration is None:
+            return losses
+        factor = schedule(iteration)
+        get_event_storage().put_scalar("kd/loss_factor", factor, smoothing_hint=False)
+        return {k: v * factor if k.startswith("loss_kd_") else v for k, v in losses.items()}
 
     def forward_train(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
