@@ -248,12 +248,14 @@ def build_cfg(config_file: str, opts: List[str]):
     """A frozen config as train_net.py builds it (without its logging side effects)."""
     from detectron2.config import get_cfg
 
-    from kd.config import add_kd_config
+    from kd.config import add_kd_config, resolve_device
 
     cfg = get_cfg()
     add_kd_config(cfg)
-    cfg.merge_from_file(str(REPO / config_file) if not os.path.isabs(config_file) else config_file)
+    path = str(REPO / config_file) if not os.path.isabs(config_file) else config_file
+    cfg.merge_from_file(path)
     cfg.merge_from_list(opts)
+    resolve_device(cfg, path, opts)  # detectron2's default "cuda" is the CPU where there is none
     cfg.freeze()
     return cfg
 

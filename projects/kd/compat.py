@@ -346,12 +346,14 @@ def launch(
     machine_rank: int = 0,
     dist_url: Optional[str] = None,
     args: tuple = (),
+    cuda: Optional[bool] = None,
 ) -> None:
     """detectron2's ``launch``, which also runs without CUDA.
 
-    With CUDA this is ``detectron2.engine.launch``. Without it, ``num_gpus_per_machine`` CPU
-    processes are started per machine and joined over gloo, with the same rank layout and local
-    process group as the GPU launcher (one process per machine is the calling one).
+    With CUDA this is ``detectron2.engine.launch`` (NCCL, one GPU per process). Without it, or
+    when the models run on the CPU (``cuda`` False), ``num_gpus_per_machine`` CPU processes are
+    started per machine and joined over gloo, with the same rank layout and local process group
+    as the GPU launcher (one process per machine is the calling one).
 
     Args:
         main_func: called in every process with ``*args``.
@@ -360,11 +362,12 @@ def launch(
         machine_rank: this machine's rank.
         dist_url: ``tcp://host:port`` of machine 0, or "auto" for a free local port.
         args: arguments for ``main_func``.
+        cuda: whether the processes run their models on GPUs (default: whether CUDA is there).
     """
     import torch
     from detectron2.engine import launch as d2_launch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args)
         return
     world_size = num_machines * num_gpus_per_machine

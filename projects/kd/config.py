@@ -8,11 +8,14 @@ A KD config is a student config (``MODEL.*`` describes the student) whose
 """
 
 import difflib
+import logging
 import os
 import re
 from typing import List, Optional, Sequence
 
 from detectron2.config import CfgNode as CN
+
+logger = logging.getLogger(__name__)
 
 
 def add_kd_config(cfg: CN) -> None:
@@ -55,6 +58,12 @@ def add_kd_config(cfg: CN) -> None:
     # detector scores about 0; below 1 AP the teacher is broken (other data or classes, BGR/RGB
     # or pixel-statistics mix-up, no training), not weak. 0: nothing is refused for its AP.
     cfg.KD.TEACHER.MIN_AP = 1.0
+    # The precision the teacher runs in: "float32", "bfloat16" or "float16". Below float32 every
+    # call of the teacher (or of one of its modules) runs under autocast of that type, its weights
+    # stay float32, and what the call returns is cast back to float32: the distillers and their
+    # losses see float32 answers. bfloat16 runs on CPUs and on Ampere or newer GPUs, float16 on
+    # GPUs. Under SOLVER.AMP the teacher still runs in this precision, not the student's.
+    cfg.KD.TEACHER.DTYPE = "float32"
 
     # ---------------------------------------------------------------- student
     cfg.KD.STUDENT = CN()
@@ -140,6 +149,11 @@ def _add_solver_keys(cfg: CN) -> None:
     if "BACKBONE_MULTIPLIER" not in cfg.SOLVER:
         # LR multiplier for parameters under "backbone." (DETR family trains it at 0.1x).
         cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    if "DTYPE" not in cfg.SOLVER.AMP:
+        # The precision of the student's autocast when SOLVER.AMP.ENABLED: "float16"
+        # (detectron2's, with a gradient scaler; CUDA only) or "bfloat16" (no scaler; CUDA on
+        # Ampere or newer, or the CPU).
+        cfg.SOLVER.AMP.DTYPE = "float16"
 
 
 def _add_mobilenet_keys(cfg: CN) -> None:
@@ -468,24 +482,100 @@ def load_config(
     *,
     file_option: str = "--config-file",
     opts_origin: str = "the command line",
+    device: bool = True,
 ) -> CN:
     """A run's config as every entry point reads it: detectron2's defaults, the ``kd`` keys
-    (:func:`add_kd_config`), the file, then ``opts``; not frozen.
+    (:func:`add_kd_config`), the file, then ``opts``, and ``MODEL.DEVICE`` resolved
+    (:func:`resolve_device`); not frozen.
 
     Args:
         config_file: the YAML file (its ``_BASE_`` files are read too).
         opts: ``KEY VALUE`` overrides.
         file_option, opts_origin: how the user gave the file and the overrides, for messages.
+        device: resolve ``MODEL.DEVICE`` (False for a teacher's config: the teacher runs on
+            its student's device).
 
     Raises:
-        ConfigError: a missing file, an unknown key, a value of the wrong type (one line).
+        ConfigError: a missing file, an unknown key, a value of the wrong type, CUDA asked for
+            where there is none (one line).
     """
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_kd_config(cfg)
     merge_config(cfg, config_file, opts, file_option=file_option, opts_origin=opts_origin)
+    if device:
+        resolve_device(cfg, config_file, opts, opts_origin=opts_origin)
     return cfg
+
+
+_FELL_BACK_TO_CPU = []  # logged once per process
+
+
+def resolve_device(
+    cfg: CN,
+    config_file: Optional[str] = None,
+    opts: Sequence[str] = (),
+    *,
+    opts_origin: str = "the command line",
+) -> None:
+    """Make ``cfg.MODEL.DEVICE`` a device this process has, in place.
+
+    Where neither the config file (nor a ``_BASE_`` of it) nor ``opts`` sets ``MODEL.DEVICE``,
+    detectron2's default, "cuda", applies: the GPU when torch sees one, else the CPU (said once
+    in the log). A CUDA device that was asked for and is not there stops the run with one line,
+    never a silent move to the CPU; "cpu" always stays "cpu".
+
+    Args:
+        cfg: the merged config (not frozen).
+        config_file: the config file it was read from (None: only ``opts`` count as explicit).
+        opts: the ``KEY VALUE`` overrides merged into it.
+        opts_origin: how the user gave the overrides, for messages.
+
+    Raises:
+        ConfigError: ``MODEL.DEVICE`` names a CUDA device this process does not have.
+    """
+    import torch
+
+    device = str(cfg.MODEL.DEVICE)
+    if not device.startswith("cuda"):
+        return
+    opts = list(opts)
+    if "MODEL.DEVICE" in opts[0::2]:
+        where = f"on {opts_origin}"
+    else:
+        where = _file_setting(config_file, "MODEL.DEVICE") if config_file else None
+        where = f"in {where}" if where else None
+    if torch.cuda.is_available():
+        index = device.partition(":")[2]
+        count = torch.cuda.device_count()
+        if index and (not index.isdigit() or int(index) >= count):
+            raise ConfigError(
+                f"MODEL.DEVICE {device} ({where or 'given'}) but this process sees {count} "
+                f"GPU{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1}): name one of "
+                "them, or use MODEL.DEVICE cuda and let the launcher pick (--num-gpus)"
+            )
+        return
+    why = (
+        "this torch is a CPU-only build"
+        if torch.version.cuda is None
+        else "torch sees no GPU, CUDA_VISIBLE_DEVICES="
+        f"'{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}'"
+    )
+    if where is None:  # detectron2's default, not the user's choice
+        cfg.MODEL.DEVICE = "cpu"
+        if not _FELL_BACK_TO_CPU:
+            _FELL_BACK_TO_CPU.append(True)
+            logger.warning(
+                "No CUDA device (%s): running on the CPU. MODEL.DEVICE is not set (detectron2's "
+                "default is cuda); set it to cpu to silence this",
+                why,
+            )
+        return
+    raise ConfigError(
+        f"MODEL.DEVICE {device} ({where}) but there is no CUDA device: {why}. Set "
+        "MODEL.DEVICE cpu to train on the CPU, or run where torch sees a GPU"
+    )
 
 
 def _message(e: BaseException) -> str:

@@ -33,7 +33,7 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.solver import get_default_optimizer_params
 from detectron2.utils import comm
@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kd import compat
+from kd.amp import MixedPrecisionTrainer, amp_dtype
 from kd.checkpoint import KDCheckpointer, load_weights
 from kd.data.validation import validate_test_datasets, validate_test_dicts, validate_train_dicts
 from kd.teacher_eval import TeacherEvalHook
@@ -191,10 +192,12 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
         validate_test_datasets(cfg)
         self._sampler = getattr(data_loader, "kd_sampler", None)
         model = _create_ddp_model(model)
-        if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
-            raise ValueError("SOLVER.AMP.ENABLED needs CUDA; turn it off on CPU")
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
+        if cfg.SOLVER.AMP.ENABLED:  # float16 or bfloat16, on CUDA or the CPU (kd/amp.py)
+            self._trainer = MixedPrecisionTrainer(
+                model, data_loader, optimizer, dtype=amp_dtype(cfg), device=cfg.MODEL.DEVICE
+            )
+        else:
+            self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = KDCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0

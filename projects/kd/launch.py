@@ -508,10 +508,47 @@ def run_guarded(main_func: Callable[..., Any], main_args: Sequence[Any] = ()) ->
 # ----------------------------------------------------------------------------- launch
 
 
+def uses_cuda(cfg: Any) -> bool:
+    """Whether a run of ``cfg`` puts its models on GPUs: CUDA is there and ``MODEL.DEVICE`` is a
+    CUDA device (a config without one: whether CUDA is there). The process group's backend
+    follows: NCCL for GPU models, gloo for CPU models, also on a machine with GPUs."""
+    import torch
+
+    device = getattr(getattr(cfg, "MODEL", None), "DEVICE", None)
+    return torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+
+
+def _refuse_shared_gpus(env: DistributedEnvironment) -> None:
+    """Stop (LaunchError, in every rank) when two ranks of the run use the same GPU: NCCL would
+    fail later with a cryptic error. Compares the GPUs' UUIDs over a gloo group, which needs no
+    NCCL communicator."""
+    import torch.distributed as dist
+
+    from kd.device import gpu_identity, shared_gpus
+
+    group = dist.new_group(backend="gloo")
+    identities: list = [None] * env.world_size
+    dist.all_gather_object(identities, gpu_identity(), group=group)
+    dist.destroy_process_group(group)
+    shared = shared_gpus(identities)
+    if shared:
+        gpu, ranks = next(iter(shared.items()))
+        raise LaunchError(
+            f"{env.launcher}: ranks {', '.join(map(str, ranks))} share one GPU ({gpu}), and NCCL "
+            "takes one GPU per process: start at most as many processes per machine as it has "
+            "GPUs (torchrun --nproc-per-node, srun --gpus-per-task=1), or set MODEL.DEVICE cpu "
+            "to run them on the CPU (gloo)"
+        )
+
+
 def _run_in_environment(
-    env: DistributedEnvironment, main_func: Callable[..., Any], main_args: Sequence[Any]
+    env: DistributedEnvironment,
+    main_func: Callable[..., Any],
+    main_args: Sequence[Any],
+    cuda: bool,
 ) -> None:
-    """Join the process group the launcher describes, then run the boundary."""
+    """Join the process group the launcher describes (NCCL with ``cuda``, else gloo), then run
+    the boundary."""
     import torch
     import torch.distributed as dist
     from detectron2.utils import comm
@@ -521,7 +558,6 @@ def _run_in_environment(
     if env.world_size == 1:
         run_guarded(main_func, main_args)
         return
-    cuda = torch.cuda.is_available()
     try:
         if cuda:
             count = torch.cuda.device_count()
@@ -540,6 +576,8 @@ def _run_in_environment(
             rank=env.rank,
             world_size=env.world_size,
         )
+        if cuda:
+            _refuse_shared_gpus(env)
     except BaseException as e:  # noqa: BLE001
         if not isinstance(e, LaunchError):
             e = LaunchError(
@@ -556,8 +594,27 @@ def _run_in_environment(
         dist.destroy_process_group()
 
 
-def _run_spawned(args: Any, main_func: Callable[..., Any], main_args: Sequence[Any]) -> None:
-    """detectron2's ``--num-gpus/--num-machines`` launch; each child reports its own failure."""
+def _refuse_more_processes_than_gpus(args: Any, cuda: bool) -> None:
+    """``--num-gpus N`` of GPU processes on a machine with fewer GPUs stops with one line, not
+    detectron2's assertion or NCCL's error."""
+    import torch
+
+    count = torch.cuda.device_count() if cuda else 0
+    if cuda and args.num_gpus > count:
+        error = LaunchError(
+            f"--num-gpus {args.num_gpus} but this machine shows {count} GPU"
+            f"{'s' if count != 1 else ''}, and NCCL takes one GPU per process: use --num-gpus "
+            f"{count} or fewer, or MODEL.DEVICE cpu to run {args.num_gpus} processes on the CPU "
+            "(gloo)"
+        )
+        raise SystemExit(report_failure(error))
+
+
+def _run_spawned(
+    args: Any, main_func: Callable[..., Any], main_args: Sequence[Any], cuda: bool
+) -> None:
+    """detectron2's ``--num-gpus/--num-machines`` launch (GPU processes with ``cuda``, else CPU
+    processes); each child reports its own failure."""
     import torch.multiprocessing as mp
 
     from kd import compat
@@ -570,6 +627,7 @@ def _run_spawned(args: Any, main_func: Callable[..., Any], main_args: Sequence[A
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
             args=(main_func, tuple(main_args)),
+            cuda=cuda,
         )
     except mp.ProcessExitedException as e:
         rank = args.machine_rank * args.num_gpus + e.error_index
@@ -617,15 +675,16 @@ def launch(
             env = detect_environment(os.environ)
             if env is not None:
                 _check_arguments(args, env)
-            if check is not None:
-                check(args)
+            cfg = check(args) if check is not None else None
         except BaseException as e:  # noqa: BLE001
             rank = env.rank if env is not None and env.world_size > 1 else None
             raise SystemExit(report_failure(e, rank=rank)) from None
+        cuda = uses_cuda(cfg)
         if env is not None:
-            _run_in_environment(env, main_func, main_args)
+            _run_in_environment(env, main_func, main_args, cuda)
         else:
-            _run_spawned(args, main_func, main_args)
+            _refuse_more_processes_than_gpus(args, cuda)
+            _run_spawned(args, main_func, main_args, cuda)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     except KeyboardInterrupt:

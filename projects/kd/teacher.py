@@ -33,6 +33,8 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from torch import nn
 
+from kd.device import fork_rng, parse_dtype, set_precision
+
 __all__ = [
     "TeacherError",
     "TeacherInfo",
@@ -207,6 +209,7 @@ def _load_config(cfg: CfgNode) -> "tuple[str, Any]":
         list(cfg.KD.TEACHER.OPTS),
         file_option="KD.TEACHER.CONFIG_FILE",
         opts_origin="KD.TEACHER.OPTS",
+        device=False,
     )
     # The teacher lives on the student's device whatever its own config says.
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
@@ -421,12 +424,18 @@ def _instantiate(lcfg, path: str, device: str) -> nn.Module:
 
 
 def _build(cfg: CfgNode, tcfg, path: str) -> nn.Module:
-    with torch.random.fork_rng():
+    dtype = parse_dtype(cfg.KD.TEACHER.DTYPE, "KD.TEACHER.DTYPE", cfg.MODEL.DEVICE)
+    with fork_rng():
         # Building the teacher must not shift the RNG stream the student is initialised from:
         # the same seed gives the same student with or without distillation.
         if isinstance(tcfg, CfgNode):
-            return build_model(tcfg)
-        return _instantiate(tcfg, path, cfg.MODEL.DEVICE)
+            model = build_model(tcfg)
+        else:
+            model = _instantiate(tcfg, path, cfg.MODEL.DEVICE)
+    # Also in float32, so that the student's autocast (SOLVER.AMP) does not reach the teacher.
+    if dtype != torch.float32 or cfg.SOLVER.AMP.ENABLED:
+        set_precision(model, dtype, cfg.MODEL.DEVICE)
+    return model
 
 
 def build_teacher_model(cfg: CfgNode) -> "tuple[nn.Module, TeacherInfo]":

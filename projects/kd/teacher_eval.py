@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from typing import Any, Dict, Optional
 
 import numpy as np
-import torch
 from detectron2.engine import HookBase
 from detectron2.evaluation import inference_on_dataset
 from detectron2.evaluation.testing import flatten_results_dict
@@ -30,6 +29,7 @@ from detectron2.utils.file_io import PathManager
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kd.device import fork_rng
 from kd.teacher import TeacherError
 from kd.weights import atomic_write
 
@@ -58,7 +58,7 @@ def _rng_kept():
     # Creating the test loader's iterator draws a seed from the global torch RNG: without this, a
     # run with the teacher evaluated would train on other random numbers than one without.
     py, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng():
+    with fork_rng():
         yield
     random.setstate(py)
     np.random.set_state(np_state)

@@ -118,10 +118,15 @@ class Distiller(nn.Module):
 
     # ------------------------------------------------------------------ inputs
     def teacher_inputs(self, batched_inputs: List[dict]) -> List[dict]:
-        """The batch as the teacher expects it (its own channel order; full resolution)."""
+        """The batch as the teacher expects it (its own channel order; full resolution).
+
+        The channels are flipped on the models' device (the image is moved there first, as the
+        teacher's ``preprocess_image`` would move it), not on the CPU in the training process.
+        """
         if not self._flip_channels_for_teacher:
             return batched_inputs
-        return [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
+        device = self.device
+        return [dict(x, image=x["image"].to(device).flip(0)) for x in batched_inputs]
 
     def student_inputs(self, batched_inputs: List[dict]) -> List[dict]:
         """The batch as the student sees it: resized by ``student_input_scale`` (boxes too).
@@ -134,9 +139,10 @@ class Distiller(nn.Module):
         s = self.student_input_scale
         if s == 1.0:
             return batched_inputs
-        out = []
+        out, device = [], self.device
         for x in batched_inputs:
-            img = x["image"]
+            # Resized on the models' device (where preprocess_image would move it anyway).
+            img = x["image"].to(device)
             h, w = img.shape[-2:]
             size = (max(1, round(h * s)), max(1, round(w * s)))
             small = F.interpolate(
