@@ -325,7 +325,7 @@ def test_runs_of_a_locked_teacher_are_skipped(tmp_path, monkeypatch, capsys):
     (teacher_out / bt.LOCK_FILE).write_text(str(os.getppid()))
     trained = []
 
-    def fake_train(name, config, out, iters, opts):
+    def fake_train(name, config, out, iters, opts, evals=0):
         held = (tmp_path / out / bt.LOCK_FILE).read_text()
         assert held.split()[0] == str(os.getpid())  # held meanwhile
         trained.append(out)
@@ -607,3 +607,37 @@ def test_record_gains_per_class_aps_without_losing_its_provenance(tmp_path):
     bt.sync_record([teacher, baseline, gid], str(output), path)
     entry = bt.load_record(path)[key]
     assert entry["AP"] == 9.0 and entry["recorded"] != "2026-01-01"
+
+
+def test_iterations_to_the_baseline_and_teacher_plateau():
+    """From periodic evaluations: the first evaluated iteration at which a distilled student
+    reaches its seed's baseline AP (mean over the seeds that reach it, the others counted), a
+    column only where curves exist; a teacher's curve has plateaued when its last two
+    evaluations are within 0.5 AP."""
+    bt = load_script("tools/benchmark_table.py")
+    baseline = {1: {"AP": 40.0, "AP50": 1, "AP75": 1}, 2: {"AP": 42.0, "AP50": 1, "AP75": 1}}
+    curve1 = [[100, 30.0], [200, 40.0], [300, 45.0]]  # reaches 40.0 at 200
+    curve2 = [[100, 35.0], [200, 41.9], [300, 43.0]]  # reaches 42.0 at 300
+    method = {
+        1: {"AP": 45.0, "AP50": 1, "AP75": 1, "curve": curve1},
+        2: {"AP": 43.0, "AP50": 1, "AP75": 1, "curve": curve2},
+    }
+    s = bt.summarize(baseline, method)["iters_to_baseline"]
+    assert (s["mean"], s["n"], s["of"]) == (250.0, 2, 2)
+    assert s["std"] == pytest.approx(70.7107, abs=1e-4)  # stdev of 200, 300
+    method[2]["curve"] = [[100, 35.0], [300, 41.0]]
+    s = bt.summarize(baseline, method)["iters_to_baseline"]
+    assert (s["mean"], s["n"], s["of"]) == (200.0, 1, 2)
+    rows = [
+        dict(family="F", student="baseline", teacher_AP="50", summary=bt.summarize({}, baseline)),
+        dict(family="F", student="GID", teacher_AP="50", summary=bt.summarize(baseline, method)),
+    ]
+    table = bt.markdown_table(rows).splitlines()
+    assert table[0].endswith("iterations to the baseline's AP |")
+    assert table[3].endswith("| 200 (1/2 seeds) |")
+    assert "iterations to" not in bt.markdown_table(rows[:1])
+    runs = [dict(kind="teacher", family="fcos", config="fcos_teacher.yaml", out="t")]
+    flat = bt.teacher_curve_table(runs, {"t": {"AP": 50.3, "curve": [[500, 49.0], [1000, 50.3]]}})
+    assert "| 50.30 | no |" in flat
+    done = bt.teacher_curve_table(runs, {"t": {"AP": 50.3, "curve": [[500, 49.9], [1000, 50.3]]}})
+    assert "| 50.30 | yes | 500: 49.9, 1000: 50.3 |" in done

@@ -43,6 +43,7 @@ command again once it finished); a lock left by a process that no longer exists 
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import statistics
@@ -437,7 +438,34 @@ def summarize(baseline: Dict[int, Dict[str, float]], method: Dict[int, Dict[str,
         for c in classes:
             if all(c in baseline[s] for s in paired):
                 out[f"gain_{c}"] = mean_std([method[s][c] - baseline[s][c] for s in paired])
+        curved = [s for s in paired if "curve" in method[s]]
+        if curved:
+            reached = [
+                i
+                for i in (iterations_to(method[s]["curve"], baseline[s]["AP"]) for s in curved)
+                if i is not None
+            ]
+            out["iters_to_baseline"] = {
+                **(mean_std(reached) if reached else {"mean": math.nan, "std": 0.0}),
+                "n": len(reached),
+                "of": len(curved),
+            }
     return out
+
+
+def iterations_to(curve: Sequence[Sequence[float]], ap: float) -> Optional[int]:
+    """The first evaluated iteration of ``curve`` (``[[iteration, AP], ...]``) at which the AP
+    reaches ``ap``; None when it never does."""
+    return next((int(i) for i, a in curve if a >= ap), None)
+
+
+def _fmt_iters(stat: Optional[Dict[str, float]]) -> str:
+    if not stat:
+        return ""
+    if not stat["n"]:
+        return f"not reached (0/{stat['of']})"
+    value = f"{stat['mean']:.0f}" + (f" ± {stat['std']:.0f}" if stat["n"] > 1 else "")
+    return value + (f" ({stat['n']}/{stat['of']} seeds)" if stat["n"] < stat["of"] else "")
 
 
 def _fmt(stat: Optional[Dict[str, float]], signed: bool = False) -> str:
@@ -457,6 +485,12 @@ def markdown_table(rows: List[dict]) -> str:
         "| seeds |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    # Runs evaluated periodically (bccd_long) add the iterations each method's student needed to
+    # reach its baseline's final AP (per seed, paired; mean over the seeds that reached it).
+    curves = any("iters_to_baseline" in r["summary"] for r in rows)
+    if curves:
+        lines[0] += " iterations to the baseline's AP |"
+        lines[1] += " ---: |"
     for r in rows:
         s = r["summary"]
         seeds = s["AP"]["n"] if s else 0
@@ -465,9 +499,34 @@ def markdown_table(rows: List[dict]) -> str:
             f"| {r['family']} | {r['student']} | {r['teacher_AP']} | {seen} | "
             f"{_fmt(s.get('AP'))} | {_fmt(s.get('AP50'))} | {_fmt(s.get('AP75'))} | "
             f"{_fmt(s.get('gain_AP'), signed=True) if r['student'] != 'baseline' else ''} | "
-            f"{seeds} |"
+            f"{seeds} |" + (f" {_fmt_iters(s.get('iters_to_baseline'))} |" if curves else "")
         )
     return "\n".join(lines)
+
+
+def teacher_curve_table(runs: List[dict], finished: Dict[str, Dict[str, float]]) -> str:
+    """The teachers' AP curves (runs evaluated periodically): each evaluation, and whether the
+    AP has plateaued (the last two evaluations within 0.5 AP); empty without curves."""
+    lines = []
+    for r in runs:
+        curve = finished.get(r["out"], {}).get("curve") if r["kind"] == "teacher" else None
+        if not curve:
+            continue
+        plateau = len(curve) > 1 and abs(curve[-1][1] - curve[-2][1]) <= 0.5
+        points = ", ".join(f"{int(i)}: {a:.1f}" for i, a in curve)
+        lines.append(
+            f"| {TITLES[r['family']]} | {r['config']} | {curve[-1][1]:.2f} | "
+            f"{'yes' if plateau else 'no'} | {points} |"
+        )
+    if not lines:
+        return ""
+    return "\n".join(
+        [
+            "| family | teacher | AP | plateau (last two within 0.5) | AP by iteration |",
+            "| --- | --- | ---: | --- | --- |",
+            *lines,
+        ]
+    )
 
 
 def markdown_class_table(rows: List[dict]) -> str:
@@ -937,6 +996,9 @@ def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = No
     class_table = markdown_class_table(rows)
     if class_table:
         table += "\n\nPer class: the baseline's AP, each method's gain over it\n\n" + class_table
+    teachers = teacher_curve_table(runs, finished)
+    if teachers:
+        table += "\n\nTeachers, evaluated during training\n\n" + teachers
     with open(os.path.join(output, "benchmark.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(output, "results.json"), "w") as f:
