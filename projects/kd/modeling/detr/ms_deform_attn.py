@@ -52,6 +52,14 @@ class _NativeMSDeformAttn(Function):
         return grad_value, None, None, grad_loc, grad_w, None
 
 
+def _uses_native_kernel(value: Tensor) -> bool:
+    return _NATIVE is not None and value.is_cuda
+
+
+def _full_precision(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -72,10 +80,20 @@ def ms_deform_attn(
     Returns:
         (B, Q, H * Dh). Locations outside a map read zeros.
     """
-    if _NATIVE is not None and value.is_cuda:
-        return _NativeMSDeformAttn.apply(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, 64
-        )
+    if _uses_native_kernel(value):
+        # The compiled kernels take float32 (and float64) only; under AMP the projections
+        # before this hand it float16 or bfloat16. It runs in float32, outside the autocast, and
+        # its output is cast back to the values' type.
+        with torch.autocast(value.device.type, enabled=False):
+            out = _NativeMSDeformAttn.apply(
+                _full_precision(value),
+                spatial_shapes,
+                level_start_index,
+                _full_precision(sampling_locations),
+                _full_precision(attention_weights),
+                64,
+            )
+        return out.to(value.dtype)
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     shapes: List[Tuple[int, int]] = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
