@@ -145,12 +145,14 @@ def tiny_teacher(datasets_root, tmp_path_factory):
     # The teacher config must carry the tiny input/proposal sizes too: write them in.
     from detectron2.config import get_cfg
 
-    from kd.config import add_kd_config
+    from kd.config import add_kd_config, resolve_device
 
     cfg = get_cfg()
     add_kd_config(cfg)
     cfg.merge_from_file(str(config))
     cfg.merge_from_list(opts)
+    # The device it ran on (the dump would otherwise say detectron2's "cuda" explicitly).
+    resolve_device(cfg, str(config), opts)
     config.write_text(cfg.dump())
     return str(config), str(weights)
 
