@@ -12,8 +12,10 @@ line on stderr and a non-zero exit status; tracebacks go to ``OUTPUT_DIR/log.txt
 """
 
 import json
+import logging
 import os
 import sys
+from typing import Optional
 
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup
@@ -22,10 +24,14 @@ from detectron2.utils import comm
 
 import kd  # noqa: F401  (registers the distillers, the DETR family and the datasets)
 from kd.checkpoint import KDCheckpointer, load_weights
+from kd.config import ConfigError
 from kd.config import load_config as kd_load_config
 from kd.data import validate_datasets
 from kd.engine import Trainer
-from kd.launch import launch, setup_logging
+from kd.launch import detect_environment, launch, setup_logging
+from kd.run_dir import claim_output_dir
+
+logger = logging.getLogger("kd.train_net")
 
 
 def load_config(args) -> CfgNode:
@@ -42,13 +48,35 @@ def load_config(args) -> CfgNode:
     return cfg
 
 
-def setup(args) -> CfgNode:
+def check_args(args) -> CfgNode:
+    """What is checked once, before any process starts: the config (:func:`load_config`) and
+    that ``SOLVER.IMS_PER_BATCH`` splits evenly over the run's processes.
+
+    Args:
+        args: parsed ``default_argument_parser`` arguments.
+
+    Raises:
+        kd.config.ConfigError: as :func:`load_config`, or a batch that does not split.
+    """
+    cfg = load_config(args)
+    env = detect_environment(os.environ)
+    world = env.world_size if env is not None else args.num_gpus * args.num_machines
+    if not args.eval_only and cfg.SOLVER.IMS_PER_BATCH % world:
+        raise ConfigError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} does not split over {world} "
+            f"processes: make it a multiple of {world}"
+        )
+    return cfg
+
+
+def setup(args, cfg: Optional[CfgNode] = None) -> CfgNode:
     """The run's config, with detectron2's and the ``kd`` package's logging set up.
 
     Args:
         args: parsed ``default_argument_parser`` arguments.
+        cfg: the config already read (default: read it from ``args``).
     """
-    cfg = load_config(args)
+    cfg = load_config(args) if cfg is None else cfg
     default_setup(cfg, args)
     setup_logging(cfg.OUTPUT_DIR)
     validate_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
@@ -63,7 +91,21 @@ def save_results(cfg: CfgNode, results) -> None:
 
 
 def main(args):
-    cfg = setup(args)
+    cfg = load_config(args)
+    # One live run per OUTPUT_DIR, held before default_setup writes config.yaml into it.
+    with claim_output_dir(cfg, resume=args.resume and not args.eval_only) as model_changes:
+        cfg = setup(args, cfg)
+        if model_changes:
+            logger.warning(
+                "--resume with another model than the run in %s (its config.yaml): %s; the "
+                "checkpoint is loaded only if its weights still fit",
+                cfg.OUTPUT_DIR,
+                "; ".join(model_changes),
+            )
+        return _run(args, cfg)
+
+
+def _run(args, cfg: CfgNode):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = KDCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
@@ -92,4 +134,4 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     # The config is read once before any process starts: a mistake in it is one line, not one
     # per process.
-    sys.exit(launch(main, args, check=load_config))
+    sys.exit(launch(main, args, check=check_args))

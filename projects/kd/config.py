@@ -44,11 +44,20 @@ def add_kd_config(cfg: CN) -> None:
     cfg.KD.TEACHER.CONFIG_FILE = ""
     # Trained weights of the teacher (.pth / .pkl, a local path or a detectron2:// URL). Required:
     # a teacher without weights, or whose weights do not fit its architecture, is refused.
+    # "hf://" teachers load theirs from their folder (leave empty, or name that folder).
     cfg.KD.TEACHER.WEIGHTS = ""
     # Overrides applied to the teacher's config: "KEY VALUE" pairs for a yacs config, e.g.
     # ["INPUT.FORMAT", "RGB"]; "key=value" strings for a LazyConfig, e.g.
     # ["model.roi_heads.num_classes=7"].
     cfg.KD.TEACHER.OPTS = []
+    # The teacher's classes mapped to the student's (kd/class_map.py). []: by name (the teacher's
+    # dataset thing_classes or Hugging Face id2label against the student's DATASETS.TRAIN[0]
+    # thing_classes); the same names in the same order compare index by index, as before. Student
+    # classes the teacher lacks are left out of every class term; teacher classes the student
+    # lacks are dropped. "student=teacher" entries are aliases ("student=" leaves a class out);
+    # ["index"]: index by index, whatever the names. Mapped classes (other names or order) are
+    # compared by KDDETRDistiller and DETRToRCNNDistiller; the other distillers refuse them.
+    cfg.KD.TEACHER.CLASS_MAP = []
     # Before the first step, measure the teacher's AP on DATASETS.TEST[0] as it is fed in this run
     # (this run's test images, in the teacher's channel order), log it as teacher/bbox/* at
     # iteration 0 and cache it in OUTPUT_DIR/teacher_eval.json (per weights file, config and
@@ -58,6 +67,9 @@ def add_kd_config(cfg: CN) -> None:
     # detector scores about 0; below 1 AP the teacher is broken (other data or classes, BGR/RGB
     # or pixel-statistics mix-up, no training), not weak. 0: nothing is refused for its AP.
     cfg.KD.TEACHER.MIN_AP = 1.0
+    # Checkpoints hold the sha256 of the teacher weights file; --resume with another file stops
+    # (the student would continue with another teacher without a word). True: continue anyway.
+    cfg.KD.TEACHER.ALLOW_CHANGE = False
     # The precision the teacher runs in: "float32", "bfloat16" or "float16". Below float32 every
     # call of the teacher (or of one of its modules) runs under autocast of that type, its weights
     # stay float32, and what the call returns is cast back to float32: the distillers and their
@@ -448,7 +460,11 @@ def merge_config(
     if not os.path.isfile(config_file):
         raise ConfigError(f"{file_option} '{config_file}' does not exist")
     try:
-        cfg.merge_from_file(config_file)
+        # allow_unsafe=False: fvcore would otherwise fall back to yaml.unsafe_load, which runs
+        # what a !!python tag names. A config file is data.
+        cfg.merge_from_file(config_file, allow_unsafe=False)
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(python_tag_message(e, config_file, file_option)) from None
     except KeyError as e:  # yacs: "Non-existent config key: A.B.C"
         key = _unknown_key(e)
         if key is None:
@@ -474,6 +490,30 @@ def merge_config(
             raise ConfigError(_unknown_key_message(cfg, key, f"on {opts_origin}")) from None
         except ValueError as e:
             raise ConfigError(f"{key} {value} on {opts_origin}: {_type_message(e)}") from None
+
+
+def python_tag_message(error: Exception, config_file: str, file_option: str) -> str:
+    """The line refusing a YAML config with a tag PyYAML's safe loader does not know (a
+    ``!!python/...`` tag runs code when read unsafely).
+
+    Args:
+        error: the ``yaml.constructor.ConstructorError``.
+        config_file: the file given (the tag may be in one of its ``_BASE_`` files).
+        file_option: how the user gave the file, for the message.
+    """
+    mark = getattr(error, "problem_mark", None)
+    where = getattr(mark, "name", None) or config_file
+    if mark is not None and not str(where).startswith("<"):
+        where = f"{where}, line {mark.line + 1}"
+    else:
+        where = config_file
+    tag = re.search(r"tag '([^']*)'", str(error))
+    tag = tag.group(1).replace("tag:yaml.org,2002:", "!!") if tag else "(unknown)"
+    return (
+        f"refusing to read {file_option} '{config_file}': {where} has the YAML tag "
+        f"{tag}, which would build Python objects or run code. "
+        "Config files are read without running anything: write plain values instead"
+    )
 
 
 def load_config(

@@ -45,7 +45,10 @@ from kd import compat
 from kd.amp import MixedPrecisionTrainer, amp_dtype
 from kd.checkpoint import KDCheckpointer, load_weights
 from kd.data.validation import validate_test_datasets, validate_test_dicts, validate_train_dicts
+from kd.preemption import PreemptionHook
+from kd.teacher import TeacherError
 from kd.teacher_eval import TeacherEvalHook
+from kd.weights import file_sha256
 
 __all__ = [
     "Trainer",
@@ -64,7 +67,10 @@ class ResumableTrainingSampler(TrainingSampler):
     """detectron2's infinite ``TrainingSampler`` that can start ``start`` indices into its stream.
 
     The stream itself is unchanged (same seed, same shuffles), so skipping the indices an
-    interrupted run consumed continues it exactly.
+    interrupted run consumed continues it exactly. ``start`` counts the indices of the whole
+    stream, consumed by every process together: rank ``r`` of ``N`` takes its indices
+    ``start + r, start + r + N, ...``, so a run resumed with another number of processes
+    continues where the stream stopped.
     """
 
     def __init__(self, size: int, shuffle: bool = True, seed: Optional[int] = None):
@@ -76,44 +82,168 @@ class ResumableTrainingSampler(TrainingSampler):
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:
-        per_rank = itertools.islice(self._infinite_indices(), self._rank, None, self._world_size)
-        yield from itertools.islice(per_rank, self.start, None)
+        yield from itertools.islice(
+            self._infinite_indices(), self.start + self._rank, None, self._world_size
+        )
+
+
+def _rng_state() -> Dict[str, Any]:
+    """This process's Python, NumPy, torch and CUDA RNG states, as a checkpoint holds them."""
+    return {
+        "python": random.getstate(),
+        "numpy": _numpy_state_to_tensors(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class TrainingStateHook(hooks.HookBase):
-    """Checkpoints what detectron2 does not: RNG states and the sampler's position.
+    """Checkpoints what detectron2 does not: every rank's RNG states and the sampler's position.
 
-    Its ``state_dict`` is saved by the checkpointer with the trainer's state (after the iteration
-    that just finished) and loaded on ``--resume`` before training starts.
+    Its ``state_dict`` is saved by the checkpointer (on the main process) with the trainer's
+    state, after the iteration that just finished, and loaded on ``--resume`` by every rank
+    before training starts. The RNG states of all ranks are gathered (a collective) after each
+    iteration that is checkpointed; each rank restores its own.
+
+    The sampler's position is stored as the number of images the whole run consumed, with the
+    world size, so that a run resumed with another number of processes continues the same data
+    stream (:class:`ResumableTrainingSampler`).
     """
 
-    def __init__(self, sampler: Optional[ResumableTrainingSampler], images_per_rank: int):
+    def __init__(
+        self,
+        sampler: Optional[ResumableTrainingSampler],
+        images_per_batch: int,
+        checkpoint_period: int = 0,
+        teacher_sha256: str = "",
+        allow_teacher_change: bool = False,
+    ):
         """
         Args:
             sampler: the training loader's sampler (None: position not tracked).
-            images_per_rank: images each process consumes per iteration.
+            images_per_batch: images all processes together consume per iteration
+                (``SOLVER.IMS_PER_BATCH``).
+            checkpoint_period: ``SOLVER.CHECKPOINT_PERIOD``: the RNG states of every rank are
+                gathered after the iterations detectron2's PeriodicCheckpointer saves (and the
+                last); 0: after every iteration.
+            teacher_sha256: the content hash of a distiller's teacher weights ('' for none),
+                stored so that a resume with another teacher is noticed.
+            allow_teacher_change: ``KD.TEACHER.ALLOW_CHANGE``: resume with another teacher.
         """
         self._sampler = sampler
-        self._images_per_rank = images_per_rank
+        self._images_per_batch = images_per_batch
+        self._checkpoint_period = checkpoint_period
+        self._teacher_sha256 = teacher_sha256
+        self._allow_teacher_change = allow_teacher_change
+        self._gathered: Optional[list] = None
+        self._buffers: Optional[list] = None
+
+    def gather(self, buffers: bool = False) -> None:
+        """Collect every rank's RNG states for the next ``state_dict`` (call on every rank).
+
+        Args:
+            buffers: also every rank's BatchNorm statistics, for a checkpoint saved at an
+                iteration where they were not made equal (a preemption's): each rank resumes
+                with its own, as the run would have continued.
+        """
+        self._gathered = comm.all_gather(_rng_state())
+        self._buffers = comm.all_gather(_norm_buffers(self.trainer.model)) if buffers else None
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        period = self._checkpoint_period
+        if done >= self.trainer.max_iter or period <= 0 or done % period == 0:
+            self.gather()
+        else:
+            self._gathered = self._buffers = None
 
     def state_dict(self) -> Dict[str, Any]:
+        rng = self._gathered if self._gathered is not None else [_rng_state()]
         return {
             # trainer.iter counts from the start of the run, resumed or not.
-            "consumed_indices": (self.trainer.iter + 1) * self._images_per_rank,
-            "rng_python": random.getstate(),
-            "rng_numpy": _numpy_state_to_tensors(np.random.get_state()),
-            "rng_torch": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "consumed_images": (self.trainer.iter + 1) * self._images_per_batch,
+            "world_size": comm.get_world_size(),
+            "sampler_seed": getattr(self._sampler, "_seed", None),
+            "rng": rng,
+            "teacher_sha256": self._teacher_sha256,
+            "rank_buffers": self._buffers,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        saved_teacher = state.get("teacher_sha256", "")
+        if saved_teacher and self._teacher_sha256 and saved_teacher != self._teacher_sha256:
+            if not self._allow_teacher_change:
+                raise TeacherError(
+                    f"--resume with another teacher: KD.TEACHER.WEIGHTS (sha256 "
+                    f"{self._teacher_sha256[:12]}) is not the file this run was trained with "
+                    f"(sha256 {saved_teacher[:12]}). Resume with the run's teacher, or set "
+                    "KD.TEACHER.ALLOW_CHANGE True to continue with this one"
+                )
+            logger.warning(
+                "Resuming with another teacher (sha256 %s, was %s): KD.TEACHER.ALLOW_CHANGE",
+                self._teacher_sha256[:12],
+                saved_teacher[:12],
+            )
+        rank, world = comm.get_rank(), comm.get_world_size()
+        if "consumed_images" in state:
+            consumed = state["consumed_images"]
+        else:  # checkpoints before the global count: per rank, saved with this world size
+            consumed = state["consumed_indices"] * world
         if self._sampler is not None:
-            self._sampler.start = state["consumed_indices"]
-        random.setstate(state["rng_python"])
-        np.random.set_state(_numpy_state_from_tensors(state["rng_numpy"]))
-        torch.set_rng_state(state["rng_torch"])
-        if state.get("rng_cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+            seed = state.get("sampler_seed")
+            if seed is not None:
+                self._sampler._seed = int(seed)
+            self._sampler.start = consumed
+        if "rng" not in state:  # checkpoints before per-rank states: rank 0's on every rank
+            _set_rng_state({k[len("rng_") :]: v for k, v in state.items() if k.startswith("rng_")})
+            return
+        saved = state["rng"]
+        if rank < len(saved):
+            _set_rng_state(saved[rank])
+        buffers = state.get("rank_buffers")
+        if buffers and rank < len(buffers):
+            _load_norm_buffers(self.trainer.model, buffers[rank])
+        if len(saved) != world and comm.is_main_process():
+            logger.warning(
+                "Resumed with %d process(es), saved with %d: %s",
+                world,
+                len(saved),
+                (
+                    f"ranks {len(saved)}-{world - 1} start from their seeded RNG states (no "
+                    "saved state of theirs)"
+                    if world > len(saved)
+                    else f"the RNG states of ranks {world}-{len(saved) - 1} are not used"
+                )
+                + "; the data stream continues where it stopped",
+            )
+
+
+def _norm_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The BatchNorm statistics of ``model`` (DDP-wrapped or not), on the CPU."""
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    return {
+        f"{name}.{b}": t.detach().cpu().clone()
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b, t in m.named_buffers(recurse=False)
+    }
+
+
+def _load_norm_buffers(model: nn.Module, buffers: Dict[str, torch.Tensor]) -> None:
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    own = dict(module.named_buffers())
+    with torch.no_grad():
+        for name, value in buffers.items():
+            if name in own and own[name].shape == value.shape:
+                own[name].copy_(value)
 
 
 def _numpy_state_to_tensors(state: tuple) -> tuple:
@@ -207,9 +337,15 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
 
     def build_hooks(self):
         ret = super().build_hooks()
-        images_per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
         # Before the checkpointer, so its state is part of every checkpoint.
-        ret.insert(1, TrainingStateHook(self._sampler, images_per_rank))
+        state = TrainingStateHook(
+            self._sampler,
+            self.cfg.SOLVER.IMS_PER_BATCH,
+            self.cfg.SOLVER.CHECKPOINT_PERIOD,
+            teacher_sha256=_teacher_sha256(self.cfg, self.model),
+            allow_teacher_change=self.cfg.KD.TEACHER.ALLOW_CHANGE,
+        )
+        ret.insert(1, state)
         # Right before the checkpointer (rank 0 only) and the evaluation: what is saved and what
         # is evaluated are the same buffers on every rank.
         users = [
@@ -226,6 +362,14 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
         # A distiller's teacher's AP (KD.TEACHER.EVALUATE), measured by train() below.
         self._teacher_eval = TeacherEvalHook()
         ret.append(self._teacher_eval)
+
+        def before_save() -> None:
+            # Each rank's own BatchNorm statistics, not their average: the run continues as if
+            # never stopped (the checkpoint's model holds the main process's).
+            state.gather(buffers=True)
+
+        # Last: the step's other hooks have run when a preemption signal saves a checkpoint.
+        ret.append(PreemptionHook(before_save))
         return ret
 
     def train(self):
@@ -299,6 +443,16 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
             self.checkpointer.resume_or_load("", resume=True)
             self.start_iter = self.iter + 1
         else:
+            if resume:
+                logger.warning(
+                    "--resume: no checkpoint in %s, starting from iteration 0%s",
+                    os.path.abspath(self.cfg.OUTPUT_DIR),
+                    (
+                        f" with MODEL.WEIGHTS {self.cfg.MODEL.WEIGHTS}"
+                        if self.cfg.MODEL.WEIGHTS
+                        else ""
+                    ),
+                )
             load_weights(self.model, self.cfg.MODEL.WEIGHTS, complete=False)
 
     @classmethod
@@ -360,13 +514,31 @@ def _give_loaders_own_generators(loader, seed: int) -> None:
     With aspect-ratio grouping detectron2 nests a second DataLoader whose iterator, created on the
     first batch, draws a seed from the global RNG: on resume that draw would come after the
     restored RNG state and shift every later random number. A generator of their own, seeded from
-    the sampler's seed, keeps both runs on the same stream.
+    the sampler's seed (the same on every rank) and the rank, keeps both runs on the same stream
+    and gives each rank's workers their own random augmentations.
     """
+    rank = comm.get_rank()
     # The loader is a DataLoader, or (with grouping) an AspectRatioGroupedDataset over one.
     candidates = (loader, getattr(loader, "dataset", None))
     for i, dl in enumerate(candidates):
         if isinstance(dl, torch.utils.data.DataLoader):
-            dl.generator = torch.Generator().manual_seed(seed + i)
+            dl.generator = torch.Generator().manual_seed(_worker_seed(seed, rank, i))
+
+
+def _worker_seed(seed: int, rank: int, index: int) -> int:
+    """A 63-bit seed for rank ``rank``'s ``index``-th loader, distinct across ranks."""
+    return int(np.random.SeedSequence([seed, rank, index]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _teacher_sha256(cfg: CfgNode, model: nn.Module) -> str:
+    """The sha256 of a distiller's teacher weights file ('' for a plain detector)."""
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    weights = cfg.KD.TEACHER.WEIGHTS
+    if not hasattr(module, "teacher") or not weights:
+        return ""
+    from detectron2.utils.file_io import PathManager
+
+    return file_sha256(PathManager.get_local_path(weights) if "://" in weights else weights)
 
 
 def _create_ddp_model(model: nn.Module) -> nn.Module:

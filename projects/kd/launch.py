@@ -17,6 +17,7 @@
   non-zero: 2 for a config or launch mistake, 130 for Ctrl-C, 1 otherwise.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -495,12 +496,16 @@ def run_guarded(main_func: Callable[..., Any], main_args: Sequence[Any] = ()) ->
         main_func: the process's work.
         main_args: its positional arguments.
     """
+    from kd.preemption import Preempted
+
     try:
         main_func(*main_args)
     except SystemExit as e:
         if e.code in (None, 0) or isinstance(e.code, int):
             raise
         raise SystemExit(report_failure(e)) from None
+    except Preempted as e:  # saved a checkpoint and printed its line (kd.preemption)
+        raise SystemExit(e.code) from None
     except BaseException as e:  # noqa: BLE001 (the boundary: everything ends as one line)
         raise SystemExit(report_failure(e)) from None
 
@@ -618,17 +623,20 @@ def _run_spawned(
     import torch.multiprocessing as mp
 
     from kd import compat
+    from kd.preemption import forward_signals_to_children
 
     try:
-        compat.launch(
-            run_guarded,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(main_func, tuple(main_args)),
-            cuda=cuda,
-        )
+        # A scheduler's SIGTERM/SIGUSR1 reaches this process: the workers save and stop.
+        with forward_signals_to_children() if args.num_gpus > 1 else contextlib.nullcontext():
+            compat.launch(
+                run_guarded,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(main_func, tuple(main_args)),
+                cuda=cuda,
+            )
     except mp.ProcessExitedException as e:
         rank = args.machine_rank * args.num_gpus + e.error_index
         if e.exit_code is not None and e.exit_code > 0:  # it printed its line

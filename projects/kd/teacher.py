@@ -11,6 +11,8 @@ A teacher's config (``KD.TEACHER.CONFIG_FILE``) is any of:
   (recognised by its lower-case top-level nodes, ``model``, ``dataloader``, ...). The teacher is
   ``instantiate(cfg.model)``; ``KD.TEACHER.OPTS`` are then ``key=value`` overrides
   (``LazyConfig.apply_overrides``);
+* ``hf://<folder or hub id>``, a Hugging Face ``transformers`` DETR teacher, built by the source
+  registered for that prefix in :data:`TEACHER_SOURCES` (:mod:`kd.families.hf_detr`);
 * ``zoo://<name>``, a name in detectron2's model zoo (``COCO-Detection/faster_rcnn_R_101_FPN_3x
   .yaml``), resolved with ``detectron2.model_zoo.get_config_file`` where detectron2 ships its
   model-zoo configs (the official install does; the pure-Python package does not, and
@@ -20,11 +22,12 @@ Whatever built it, the teacher is described to the distillers by a :class:`Teach
 no distiller reads a config system's keys.
 """
 
+import dataclasses
 import logging
 import os
 import types
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -33,11 +36,13 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from torch import nn
 
+from kd.class_map import INDEX, ClassMap, ClassMapError, build_class_map
 from kd.device import fork_rng, parse_dtype, set_precision
 
 __all__ = [
     "TeacherError",
     "TeacherInfo",
+    "TEACHER_SOURCES",
     "build_teacher",
     "build_teacher_model",
     "load_teacher_config",
@@ -65,6 +70,19 @@ class TeacherError(ValueError):
     """The teacher cannot be used as configured; the message says how to fix it."""
 
 
+# Teachers that are not detectron2 configs, by their KD.TEACHER.CONFIG_FILE prefix ("hf://"):
+# (KD config) -> (the teacher built and loaded, not frozen; its TeacherInfo). The families that
+# provide them register here (kd.families.hf_detr), so this module imports none of them.
+TEACHER_SOURCES: Dict[str, Callable[[CfgNode], "tuple[nn.Module, TeacherInfo]"]] = {}
+
+
+def _teacher_source(config_file: str):
+    for prefix, build in TEACHER_SOURCES.items():
+        if config_file.startswith(prefix):
+            return build
+    return None
+
+
 @dataclass(frozen=True)
 class TeacherInfo:
     """What the distillers and checks need to know about a teacher, from either config system.
@@ -76,6 +94,11 @@ class TeacherInfo:
         num_classes: the number of object classes it predicts.
         train_datasets: the datasets it was trained on, as its config names them (may be empty).
         config_file: ``KD.TEACHER.CONFIG_FILE`` as resolved (a ``zoo://`` name made a path).
+        class_names: the names of its class columns where the teacher itself says them (a
+            Hugging Face ``id2label``); None: its training dataset's ``thing_classes``.
+        class_map: its classes mapped to the student's (``KD.TEACHER.CLASS_MAP``), set by
+            :func:`build_teacher` when they are not the student's classes in the student's order;
+            None: compared index by index.
     """
 
     config: Any
@@ -83,6 +106,8 @@ class TeacherInfo:
     num_classes: int
     train_datasets: Tuple[str, ...]
     config_file: str
+    class_names: Optional[Tuple[str, ...]] = None
+    class_map: Optional[ClassMap] = None
 
     @property
     def is_lazy(self) -> bool:
@@ -169,6 +194,19 @@ def is_lazy_config(path: str) -> bool:
 def _load_lazy_config(path: str, overrides: Sequence[str]):
     from detectron2.config import LazyConfig
 
+    if os.path.splitext(path)[1] in (".yaml", ".yml"):
+        # LazyConfig.load reads YAML with yaml.unsafe_load: refuse what only that would read.
+        import yaml
+
+        from kd.config import python_tag_message
+
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except yaml.constructor.ConstructorError as e:
+            raise TeacherError(python_tag_message(e, path, "KD.TEACHER.CONFIG_FILE")) from None
+        except (OSError, yaml.YAMLError):
+            pass  # LazyConfig.load says what is wrong with it
     try:
         lcfg = LazyConfig.load(path)
     except Exception as e:  # noqa: BLE001 (a config file is code: any error is the user's)
@@ -322,30 +360,85 @@ def _thing_classes(datasets: Sequence[str]) -> Optional[list]:
         return None
 
 
-def check_class_agreement(cfg: CfgNode, teacher: TeacherInfo, student_arch: str) -> None:
-    """Refuse a teacher whose classes differ from the student's.
+def _accepts_class_map(cfg: CfgNode) -> bool:
+    # The distiller says whether it compares mapped classes (its ``accepts_class_map``).
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    try:
+        return bool(getattr(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), "accepts_class_map"))
+    except (KeyError, AttributeError):
+        return False
+
+
+def check_class_agreement(
+    cfg: CfgNode, teacher: TeacherInfo, student_arch: str
+) -> Optional[ClassMap]:
+    """The teacher's classes mapped to the student's (``KD.TEACHER.CLASS_MAP``, by name), or a
+    refusal where the distiller cannot compare them.
 
     Args:
         cfg: the KD config (describes the student).
         teacher: the teacher's description.
         student_arch: the student's meta-architecture.
+
+    Returns:
+        None where the classes are compared index by index (the same names in the same order,
+        names unknown, or ``KD.TEACHER.CLASS_MAP ["index"]``); otherwise the :class:`ClassMap`.
     """
+    spec = [str(x) for x in cfg.KD.TEACHER.CLASS_MAP]
     n_s = num_classes_of(cfg, student_arch)
     n_t = teacher.num_classes
+    c_s = _thing_classes(list(cfg.DATASETS.TRAIN))
+    c_t = (
+        list(teacher.class_names)
+        if teacher.class_names is not None
+        else _thing_classes(teacher.train_datasets)
+    )
+    by_name = spec != [INDEX] and c_s is not None and c_t is not None
+    if by_name and (len(c_s) != n_s or len(c_t) != n_t):
+        by_name = False  # names that do not describe the class columns: index by index
+    if by_name:
+        try:
+            class_map = build_class_map(c_s, c_t, spec)
+        except ClassMapError as e:
+            raise TeacherError(str(e)) from None
+        if class_map.is_identity:
+            return None
+        if _accepts_class_map(cfg):
+            logger.info("Teacher classes mapped to the student's: %s", class_map.describe())
+            return class_map
+    elif spec and spec != [INDEX]:
+        raise TeacherError(
+            f"KD.TEACHER.CLASS_MAP {spec}: the class names of the teacher or the student are "
+            "unknown (their DATASETS.TRAIN[0] has no thing_classes), so classes cannot be "
+            "mapped by name"
+        )
+    hint = (
+        f" KD.TEACHER.CLASS_MAP maps a teacher's classes to the student's by name for the "
+        f"distillers that compare mapped classes (KDDETRDistiller, DETRToRCNNDistiller), not "
+        f"for {cfg.MODEL.META_ARCHITECTURE}."
+        if by_name
+        else ""
+    )
     if n_s != n_t:
         raise TeacherError(
             f"class-count mismatch: the teacher ({cfg.KD.TEACHER.CONFIG_FILE}) predicts {n_t} "
             f"classes, the student {n_s}. Distillation compares class scores one to one: train "
-            "the teacher on the student's classes, or set the student's NUM_CLASSES to match"
+            "the teacher on the student's classes, or set the student's NUM_CLASSES to match."
+            + hint
         )
-    c_s, c_t = _thing_classes(list(cfg.DATASETS.TRAIN)), _thing_classes(teacher.train_datasets)
-    if c_s is not None and c_t is not None and c_s != c_t:
+    if by_name:
+        where = (
+            f"dataset {teacher.train_datasets[0]}"
+            if teacher.class_names is None
+            else cfg.KD.TEACHER.CONFIG_FILE
+        )
         raise TeacherError(
-            f"class mismatch: the teacher was configured with dataset "
-            f"{teacher.train_datasets[0]} (classes {c_t}) and the student with "
-            f"{cfg.DATASETS.TRAIN[0]} (classes {c_s}). Class scores are compared index by index, "
-            "so both must use the same classes in the same order"
+            f"class mismatch: the teacher was configured with {where} (classes {c_t}) and the "
+            f"student with {cfg.DATASETS.TRAIN[0]} (classes {c_s}). Class scores are compared "
+            "index by index, so both must use the same classes in the same order." + hint
         )
+    return None
 
 
 def _load_verified(model: nn.Module, path: str, what: str) -> None:
@@ -432,10 +525,16 @@ def _build(cfg: CfgNode, tcfg, path: str) -> nn.Module:
             model = build_model(tcfg)
         else:
             model = _instantiate(tcfg, path, cfg.MODEL.DEVICE)
+    _set_precision(cfg, model, dtype)
+    return model
+
+
+def _set_precision(cfg: CfgNode, model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
+    if dtype is None:
+        dtype = parse_dtype(cfg.KD.TEACHER.DTYPE, "KD.TEACHER.DTYPE", cfg.MODEL.DEVICE)
     # Also in float32, so that the student's autocast (SOLVER.AMP) does not reach the teacher.
     if dtype != torch.float32 or cfg.SOLVER.AMP.ENABLED:
         set_precision(model, dtype, cfg.MODEL.DEVICE)
-    return model
 
 
 def build_teacher_model(cfg: CfgNode) -> "tuple[nn.Module, TeacherInfo]":
@@ -445,6 +544,11 @@ def build_teacher_model(cfg: CfgNode) -> "tuple[nn.Module, TeacherInfo]":
     Args:
         cfg: the KD config.
     """
+    source = _teacher_source(cfg.KD.TEACHER.CONFIG_FILE)
+    if source is not None:
+        model, info = source(cfg)
+        _set_precision(cfg, model)
+        return model, info
     path, tcfg = _load_config(cfg)
     model = _build(cfg, tcfg, path)
     info = _yacs_info(tcfg, path) if isinstance(tcfg, CfgNode) else _lazy_info(tcfg, model, path)
@@ -461,21 +565,32 @@ def build_teacher(cfg: CfgNode, student_arch: str) -> "tuple[nn.Module, TeacherI
     Returns:
         (teacher, info): the frozen teacher on ``cfg.MODEL.DEVICE`` and its description.
     """
-    path, tcfg = _load_config(cfg)
-    if isinstance(tcfg, CfgNode):
-        # A yacs config says its classes before anything is built: refuse early.
-        info = _yacs_info(tcfg, path)
-        check_class_agreement(cfg, info, student_arch)
-        teacher = _build(cfg, tcfg, path)
+    source = _teacher_source(cfg.KD.TEACHER.CONFIG_FILE)
+    if source is not None:
+        # Built and loaded (and verified) by its family's source, from its own folder.
+        with fork_rng():
+            teacher, info = source(cfg)
+        _set_precision(cfg, teacher)
+        class_map = check_class_agreement(cfg, info, student_arch)
+        path = info.config_file
     else:
-        teacher = _build(cfg, tcfg, path)
-        info = _lazy_info(tcfg, teacher, path)
-        check_class_agreement(cfg, info, student_arch)
-    _load_verified(teacher, cfg.KD.TEACHER.WEIGHTS, "teacher")
+        path, tcfg = _load_config(cfg)
+        if isinstance(tcfg, CfgNode):
+            # A yacs config says its classes before anything is built: refuse early.
+            info = _yacs_info(tcfg, path)
+            class_map = check_class_agreement(cfg, info, student_arch)
+            teacher = _build(cfg, tcfg, path)
+        else:
+            teacher = _build(cfg, tcfg, path)
+            info = _lazy_info(tcfg, teacher, path)
+            class_map = check_class_agreement(cfg, info, student_arch)
+        _load_verified(teacher, cfg.KD.TEACHER.WEIGHTS, "teacher")
+    if class_map is not None:
+        info = dataclasses.replace(info, class_map=class_map)
     logger.info(
         "Teacher %s loaded from %s (config %s, %s input)",
         type(teacher).__name__,
-        cfg.KD.TEACHER.WEIGHTS,
+        cfg.KD.TEACHER.WEIGHTS or path,
         path,
         info.input_format,
     )

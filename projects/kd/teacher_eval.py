@@ -8,9 +8,10 @@ teacher's channel order, at full resolution), with detectron2's COCO evaluation;
 ``teacher/bbox/*`` at the run's first iteration (``metrics.json``, TensorBoard) and in the log;
 and stops the run when the AP is below ``KD.TEACHER.MIN_AP``.
 
-The result is cached in ``OUTPUT_DIR/teacher_eval.json``, keyed by the weights file (path, size,
-modification time), the teacher's config and overrides, the dataset and this run's test input
-settings, so a resumed run reads it instead of evaluating again.
+The result is cached in ``OUTPUT_DIR/teacher_eval.json``, keyed by the weights file (path and
+sha256 of its content), the teacher's config (path and sha256) and overrides, the dataset and
+this run's test input settings, so a resumed run reads it instead of evaluating again. An AP that
+COCOEvaluator cannot define (NaN: the teacher predicted no box) counts as 0 for the gate.
 """
 
 import json
@@ -31,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kd.device import fork_rng
 from kd.teacher import TeacherError
-from kd.weights import atomic_write
+from kd.weights import atomic_write, file_sha256
 
 __all__ = ["TeacherEvalHook", "CACHE_FILE"]
 
@@ -67,15 +68,14 @@ def _rng_kept():
 def _cache_key(cfg, dataset: str) -> Dict[str, Any]:
     t = cfg.KD.TEACHER
     weights = PathManager.get_local_path(t.WEIGHTS) if "://" in t.WEIGHTS else t.WEIGHTS
-    st = os.stat(weights)
     config = t.CONFIG_FILE
-    config_mtime = os.stat(config).st_mtime_ns if os.path.isfile(config) else None
+    local_config = os.path.isfile(config)
+    # By content: cp -p, rsync -a and tar keep another file's size and modification time.
     return {
         "weights": os.path.abspath(weights),
-        "weights_size": st.st_size,
-        "weights_mtime_ns": st.st_mtime_ns,
-        "config_file": os.path.abspath(config) if config_mtime is not None else config,
-        "config_mtime_ns": config_mtime,
+        "weights_sha256": file_sha256(weights),
+        "config_file": os.path.abspath(config) if local_config else config,
+        "config_sha256": file_sha256(config) if local_config else None,
         "opts": [str(o) for o in t.OPTS],
         "dataset": dataset,
         "input": {
@@ -190,8 +190,13 @@ class TeacherEvalHook(HookBase):
         if ap is None or min_ap <= 0:
             return
         if np.isnan(ap):
-            logger.warning("The teacher's AP on %s is undefined (no ground truth?)", dataset)
-            return
+            # COCOEvaluator's answer when the teacher predicted no box at all: it scores 0.
+            logger.warning(
+                "The teacher's AP on %s is undefined (no predictions, or no ground truth): "
+                "counted as 0",
+                dataset,
+            )
+            ap = 0.0
         if ap < min_ap:
             raise TeacherError(
                 f"the teacher's box AP on {dataset} is {ap:.2f}, below KD.TEACHER.MIN_AP "

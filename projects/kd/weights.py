@@ -15,6 +15,8 @@ previous checkpoint and the pointer to it intact.
 """
 
 import codecs
+import errno
+import hashlib
 import logging
 import os
 import pickle
@@ -32,6 +34,7 @@ __all__ = [
     "load_checkpoint_file",
     "safe_unpickle",
     "atomic_write",
+    "file_sha256",
     "KDCheckpointer",
 ]
 
@@ -164,25 +167,78 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     return loaded
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else by
+    setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class _WriteErrorRecorder:
+    """A binary file that remembers the OS error of a failed write: ``torch.save`` turns it into
+    "[enforce fail at inline_container.cc] . unexpected pos", which names no cause."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` so that it is either the old file or the complete new one, never a part.
+
+    The file gets the permissions ``open()`` would give it (0666 less the umask; the temporary
+    file is created 0600). A failed write raises an ``OSError`` that names the file and the OS's
+    reason (e.g. "No space left on device").
 
     Args:
         path: the destination.
         write: writes the content into the binary file it is given.
+
+    Raises:
+        OSError: the file cannot be written; the previous file is kept.
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
+    recorder = None
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "wb") as f:
-            write(f)
+            recorder = _WriteErrorRecorder(f)
+            write(recorder)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = e if isinstance(e, OSError) else getattr(recorder, "error", None)
+        if isinstance(cause, OSError) and isinstance(e, Exception):
+            reason = cause.strerror or str(cause)
+            code = errno.errorcode.get(cause.errno or 0, "")
+            raise OSError(
+                cause.errno,
+                f"cannot write {path}: {reason}{f' ({code})' if code else ''}; the previous "
+                "file, if any, is kept",
+            ) from None
         raise
     # The rename itself must reach the disk before anything (the pointer) refers to it.
     dir_fd = os.open(folder, os.O_RDONLY)
@@ -190,6 +246,29 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+_SHA256_MEMO: Dict[tuple, str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's content (hex), computed once per process for an unchanged file.
+
+    The memo is keyed by device, inode, size, mtime and ctime: ``cp -p``, ``rsync -a`` and tar
+    keep a file's size and mtime, but every write or restore changes its ctime.
+
+    Args:
+        path: a local file.
+    """
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _SHA256_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256_MEMO[key] = digest.hexdigest()
+    return _SHA256_MEMO[key]
 
 
 # Names detectron2's PeriodicCheckpointer gives checkpoints (model_0000999.pth, model_final.pth).
@@ -280,6 +359,21 @@ class KDCheckpointer(DetectionCheckpointer):
         self.logger.info("Loading checkpoint from %s", path)
         incompatible = self._load_model(checkpoint)
         if incompatible is not None:
+            # Resuming into another model would train with some weights reset to random (or
+            # stop later at the optimizer's state): say so now.
+            wrong = [
+                f"{k}: file {tuple(a)} vs model {tuple(b)}"
+                for k, a, b in incompatible.incorrect_shapes
+            ]
+            missing = list(incompatible.missing_keys)
+            if wrong or missing:
+                raise WeightsError(
+                    f"--resume: {path} does not fit the model built from the config "
+                    f"({len(wrong)} weights of another shape, {len(missing)} missing; e.g. "
+                    f"{'; '.join((wrong + missing)[:2])}): resume with the config the run was "
+                    f"trained with ({os.path.join(self.save_dir, 'config.yaml')}), or train "
+                    "the changed model in another OUTPUT_DIR"
+                )
             self._log_incompatible_keys(incompatible)
         for key in self.checkpointables:
             if key in checkpoint:
