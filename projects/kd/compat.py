@@ -100,10 +100,56 @@ class _CompiledOpsFinder(importlib.abc.MetaPathFinder):
         return importlib.machinery.ModuleSpec(fullname, _StandInLoader())
 
 
+class _FixingLoader(importlib.abc.Loader):
+    """Runs a module's own loader, then the runtime fix for that module."""
+
+    def __init__(self, loader: importlib.abc.Loader, fix: Callable[[], None]):
+        self._loader = loader
+        self._fix = fix
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[types.ModuleType]:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        self._fix()
+
+
+class _RuntimeFixFinder(importlib.abc.MetaPathFinder):
+    """Applies :func:`apply_runtime_fixes`' fix of a module as soon as that module is imported,
+    so that a script that imports detectron2 alone (without ``kd``) gets them too.
+
+    It sits at the *front* of ``sys.meta_path``, finds the module with the other finders and only
+    wraps its loader; every other import passes through untouched.
+    """
+
+    # A marker, not isinstance: this file may be loaded twice (by the .pth file and as kd.compat),
+    # and two such finders must not ask each other in turn.
+    _kd_runtime_fixes = True
+
+    def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Any = None):
+        fix = _FIXES_ON_IMPORT.get(fullname)
+        if fix is None:
+            return None
+        for finder in sys.meta_path:
+            if getattr(finder, "_kd_runtime_fixes", False) or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _FixingLoader(spec.loader, fix)
+                return spec
+        return None
+
+
 def install_import_hook() -> None:
-    """Make ``import detectron2._C`` succeed without the compiled extension. Idempotent."""
+    """Make ``import detectron2._C`` succeed without the compiled extension, and apply the
+    runtime fixes to detectron2's modules as they are imported (:class:`_RuntimeFixFinder`).
+    Idempotent. The ``.pth`` file ``make setup`` writes calls it at interpreter start."""
     if not any(isinstance(f, _CompiledOpsFinder) for f in sys.meta_path):
         sys.meta_path.append(_CompiledOpsFinder())
+    if not any(getattr(f, "_kd_runtime_fixes", False) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RuntimeFixFinder())
 
 
 def has_compiled_ops() -> bool:
@@ -123,6 +169,10 @@ def apply_runtime_fixes() -> None:
     _accept_whole_numbers_for_floats()
     _fix_retinanet_head_group_norm()
     _fix_map_dataset_fallback()
+
+
+# The modules whose fix the import hook applies when they are imported (see apply_runtime_fixes).
+_FIXES_ON_IMPORT: "dict[str, Callable[[], None]]" = {}
 
 
 def _fix_map_dataset_fallback() -> None:
@@ -206,6 +256,15 @@ def _fix_retinanet_head_group_norm() -> None:
 
     RetinaNetHead.from_config = classmethod(from_config)
     RetinaNetHead._kd_fixed = True
+
+
+_FIXES_ON_IMPORT.update(
+    {
+        "yacs.config": _accept_whole_numbers_for_floats,
+        "detectron2.data.common": _fix_map_dataset_fallback,
+        "detectron2.modeling.meta_arch.retinanet": _fix_retinanet_head_group_norm,
+    }
+)
 
 
 class _FallbackCandidates(collections.abc.Sequence):
