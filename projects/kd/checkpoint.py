@@ -8,7 +8,7 @@ its random weights.
 
 import logging
 import os
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -25,14 +25,13 @@ __all__ = [
     "load_weights",
     "student_state_dict",
     "export_student_config",
+    "kd_provided_parts",
+    "dump_student_config",
 ]
 
 logger = logging.getLogger(__name__)
 
 _STUDENT_PREFIX = "student."
-# Students whose architecture (and config keys) this package provides: their exported config keeps
-# its extra keys, and loading it needs `import kd`.
-KD_PROVIDED_ARCHITECTURES = ("DETR", "FCOS")
 
 
 def student_state_dict(model_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -171,11 +170,47 @@ def export_student_config(cfg: CfgNode) -> CfgNode:
         scfg.INPUT.MIN_SIZE_TRAIN = tuple(int(round(s * scale)) for s in cfg.INPUT.MIN_SIZE_TRAIN)
         scfg.INPUT.MAX_SIZE_TRAIN = int(round(cfg.INPUT.MAX_SIZE_TRAIN * scale))
     scfg.pop("KD")
-    if scfg.MODEL.META_ARCHITECTURE not in KD_PROVIDED_ARCHITECTURES:
+    if kd_provided_parts(scfg):
+        # Its weights come from MODEL.WEIGHTS: building it must not need the ImageNet file.
+        if "MOBILENET" in scfg.MODEL:
+            scfg.MODEL.MOBILENET.IMAGENET_WEIGHTS = ""
+    else:
         # Only keys plain detectron2 knows, so the file merges into get_cfg() without `import kd`.
         _prune_to(scfg, get_cfg())
     scfg.freeze()
     return scfg
+
+
+def kd_provided_parts(cfg: CfgNode) -> List[str]:
+    """The config keys naming parts of the model that ``import kd`` registers (found in
+    detectron2's registries, e.g. ``MODEL.BACKBONE.NAME build_mobilenetv2_fpn_backbone``); empty
+    for a model plain detectron2 builds."""
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+    parts = []
+    for key, registry, name in (
+        ("MODEL.META_ARCHITECTURE", META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE),
+        ("MODEL.BACKBONE.NAME", BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME),
+    ):
+        part = registry.get(name) if name in registry else None
+        if getattr(part, "__module__", "").split(".")[0] == "kd":
+            parts.append(f"{key} {name}")
+    return parts
+
+
+def dump_student_config(cfg: CfgNode) -> str:
+    """``cfg.dump()``, headed by a comment saying how to load it when ``import kd`` must register
+    parts of the model (plain detectron2 would stop at an unknown key or name)."""
+    parts = kd_provided_parts(cfg)
+    if not parts:
+        return cfg.dump()
+    header = (
+        f"# This model uses what the kd package registers ({'; '.join(parts)}).\n"
+        "# Wherever it is loaded: put this repository's projects/ on sys.path, `import kd`, and\n"
+        "# call kd.add_kd_config(cfg) on get_cfg() before cfg.merge_from_file(this file)\n"
+        "# (tools/predict.py and tools/export_student.py do).\n"
+    )
+    return header + cfg.dump()
 
 
 def _prune_to(cfg: CfgNode, reference: CfgNode) -> None:

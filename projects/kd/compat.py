@@ -14,6 +14,8 @@ compiled ``detectron2._C``. It covers what the pure-Python detectron2 v0.6 snaps
   (:func:`launch`);
 * the optimizer and AMP grad-scaler state in checkpoints, which v0.6's ``DefaultTrainer`` does not
   save, so ``--resume`` would restart momentum from zero (:class:`TrainerStateMixin`);
+* detectron2's ``TracingAdapter`` (``detectron2/export/flatten.py``) for ONNX and TorchScript
+  export, whose package ``__init__`` imports caffe2 in v0.6 (:func:`tracing_adapter`);
 * the ``MapDataset`` fallback that calls ``random.sample`` on a set (a ``TypeError`` since
   Python 3.11), and ``RetinaNetHead``'s ``get_norm(norm, 1)`` probe that makes
   ``MODEL.RETINANET.NORM "GN"`` raise (:func:`apply_runtime_fixes`, :func:`group_norm`).
@@ -40,6 +42,7 @@ __all__ = [
     "launch",
     "create_local_process_group",
     "TrainerStateMixin",
+    "tracing_adapter",
 ]
 
 _STUB_NAME = "detectron2._C"
@@ -373,6 +376,36 @@ def build_coco_evaluator(dataset_name: str, output_dir: Optional[str] = None, **
     if "use_fast_impl" not in kwargs:
         kwargs["use_fast_impl"] = install_fast_coco_eval()
     return COCOEvaluator(dataset_name, output_dir=output_dir, **kwargs)
+
+
+_EXPORT_ALIAS = "_kd_detectron2_export"
+
+
+def tracing_adapter() -> type:
+    """detectron2's ``TracingAdapter`` class (flattens a detector's dict / ``Instances`` inputs and
+    outputs into tensors for ``torch.jit.trace`` and ``torch.onnx.export``).
+
+    ``detectron2.export`` imports caffe2 in v0.6 (no current torch has it); the official
+    detectron2 today guards that import. Where the package fails to import, its ``flatten.py``
+    (and the ``torchscript_patch.py`` it imports) are loaded from the package folder under a
+    private package name, without the package ``__init__``; ``detectron2.export`` itself is left
+    unimported.
+    """
+    try:
+        from detectron2.export.flatten import TracingAdapter
+
+        return TracingAdapter
+    except ImportError:
+        pass
+    import os
+
+    import detectron2
+
+    if _EXPORT_ALIAS not in sys.modules:
+        package = types.ModuleType(_EXPORT_ALIAS)
+        package.__path__ = [os.path.join(os.path.dirname(detectron2.__file__), "export")]
+        sys.modules[_EXPORT_ALIAS] = package
+    return importlib.import_module(f"{_EXPORT_ALIAS}.flatten").TracingAdapter
 
 
 def create_local_process_group(num_per_machine: int) -> None:

@@ -126,12 +126,14 @@ def level_padding_mask(
     Returns:
         (B, H_l, W_l) bool, True on padding.
     """
-    (ph, pw), (lh, lw) = padded_size, level_size
+    # Python ints throughout: under tracing (tools/export_student.py) sizes may be 0-d tensors,
+    # and ONNX's integer Div truncates where Python's // floors (a ceil by -(-a // b) breaks).
+    (ph, pw), (lh, lw) = (int(s) for s in padded_size), (int(s) for s in level_size)
     rows = torch.arange(lh)
     cols = torch.arange(lw)
     masks = []
     for h, w in image_sizes:
-        valid_h = min(lh, max(1, -(-int(h) * lh // ph)))
-        valid_w = min(lw, max(1, -(-int(w) * lw // pw)))
+        valid_h = min(lh, max(1, (int(h) * lh + ph - 1) // ph))
+        valid_w = min(lw, max(1, (int(w) * lw + pw - 1) // pw))
         masks.append((rows[:, None] >= valid_h) | (cols[None, :] >= valid_w))
     return torch.stack(masks)
