@@ -15,7 +15,13 @@ from detectron2.config import CfgNode, get_cfg
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kd.weights import KDCheckpointer, UnsafeWeightsError, WeightsError, load_checkpoint_file
+from kd.weights import (
+    KDCheckpointer,
+    UnsafeWeightsError,
+    WeightsError,
+    fetch,
+    load_checkpoint_file,
+)
 
 __all__ = [
     "KDCheckpointer",
@@ -98,7 +104,7 @@ def load_weights(
     if isinstance(model, DistributedDataParallel):
         model = model.module
     checkpointer = KDCheckpointer(model)
-    local = checkpointer.path_manager.get_local_path(path) if "://" in path else path
+    local = fetch(path, key)
     if not os.path.isfile(local):
         raise WeightsError(f"{key} '{path}' does not exist: fix the path")
     checkpoint = checkpointer._load_file(local)

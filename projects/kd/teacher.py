@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
@@ -443,6 +442,7 @@ def check_class_agreement(
 
 def _load_verified(model: nn.Module, path: str, what: str) -> None:
     from kd.checkpoint import WeightsError, load_weights
+    from kd.weights import fetch
 
     if not path:
         raise TeacherError(
@@ -453,7 +453,9 @@ def _load_verified(model: nn.Module, path: str, what: str) -> None:
     local = path
     if "://" in path:
         try:
-            local = DetectionCheckpointer(model).path_manager.get_local_path(path)
+            local = fetch(path, "KD.TEACHER.WEIGHTS")
+        except WeightsError as e:  # the server did not answer in time
+            raise TeacherError(str(e)) from None
         except Exception as e:  # noqa: BLE001 (iopath's handlers raise many types offline)
             raise TeacherError(
                 f"KD.TEACHER.WEIGHTS '{path}' cannot be fetched ({type(e).__name__}: {e}). "

@@ -35,6 +35,7 @@ __all__ = [
     "safe_unpickle",
     "atomic_write",
     "file_sha256",
+    "fetch",
     "KDCheckpointer",
 ]
 
@@ -246,6 +247,55 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# Seconds a download may wait for the server's next bytes (env KD_DOWNLOAD_TIMEOUT overrides).
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+def fetch(path: str, key: str) -> str:
+    """The local file of ``path``: itself, or for a URL (``https://``, ``detectron2://``) the copy
+    detectron2's ``PathManager`` downloads and caches, given up on when the server sends nothing
+    for ``KD_DOWNLOAD_TIMEOUT`` seconds (default 60; a URL that never answers would otherwise
+    hang the run for ever).
+
+    Args:
+        path: a local path or a URL.
+        key: the config key that named it, for messages.
+
+    Raises:
+        WeightsError: the server did not answer in time.
+    """
+    if "://" not in path:
+        return path
+    import socket
+
+    from detectron2.utils.file_io import PathManager
+
+    try:
+        timeout = float(os.environ.get("KD_DOWNLOAD_TIMEOUT", DOWNLOAD_TIMEOUT_S))
+    except ValueError:
+        timeout = DOWNLOAD_TIMEOUT_S
+    previous = socket.getdefaulttimeout()
+    # urllib (which iopath's download uses) takes the default timeout of new sockets.
+    socket.setdefaulttimeout(timeout)
+    try:
+        return PathManager.get_local_path(path)
+    except (socket.timeout, TimeoutError) as e:
+        raise WeightsError(
+            f"{key} '{path}': the server sent nothing for {timeout:g} s ({e or 'timed out'}); "
+            "download the file yourself and give its local path, or set KD_DOWNLOAD_TIMEOUT "
+            "to wait longer"
+        ) from None
+    except OSError as e:
+        if isinstance(getattr(e, "reason", None), (socket.timeout, TimeoutError)):
+            raise WeightsError(
+                f"{key} '{path}': no answer from the server within {timeout:g} s; download the "
+                "file yourself and give its local path, or set KD_DOWNLOAD_TIMEOUT to wait longer"
+            ) from None
+        raise
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 _SHA256_MEMO: Dict[tuple, str] = {}

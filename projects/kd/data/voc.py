@@ -13,7 +13,9 @@ and a bad box (no size, outside the image) is kept, with ``ann_id`` ``"<xml file
 naming it. What a run does with bad boxes is decided by ``DATALOADER.ON_BAD_ANNOTATIONS``
 (:mod:`kd.data.validation`). What cannot be represented at all is an error naming the file: an
 XML that does not parse, a box that is not four numbers, a class name not in ``class_names``, an
-XML size that differs from the image's.
+XML size that differs from the image's. Images are sized as detectron2 reads them, with their EXIF
+orientation applied; an XML written in a rotated JPEG's stored coordinates has its boxes rotated
+with the pixels (:func:`_image_size`).
 
 BCCD (``bccd_train``, ``bccd_val``) is registered on ``import kd`` from ``$KD_BCCD_ROOT``, or else
 from ``../shared/data/bccd`` next to the repository, when that folder exists.
@@ -21,7 +23,7 @@ from ``../shared/data/bccd`` next to the repository, when that folder exists.
 
 import os
 import xml.etree.ElementTree as ET
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
@@ -67,21 +69,71 @@ def _int_text(root: ET.Element, path: str) -> Optional[int]:
         return None
 
 
-def _image_size(xml_path: str, tree: ET.Element, image_path: str, check: bool) -> tuple:
-    """(width, height): the XML's, checked against the image file's header when ``check``."""
+# EXIF orientations (tag 0x0112) that detectron2's read_image applies by swapping the axes.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 (a broken EXIF block: detectron2 ignores it too)
+        return 1
+
+
+def _image_size(
+    xml_path: str, tree: ET.Element, image_path: str, check: bool
+) -> Tuple[Tuple[int, int], int]:
+    """((width, height), orientation): the size detectron2 trains on, and the EXIF orientation
+    to apply to the XML's boxes (1: none).
+
+    detectron2 reads images with their EXIF orientation applied, so the size it checks is the
+    *displayed* one. An XML whose ``<size>`` is the displayed size has its boxes in displayed
+    coordinates and is taken as it is; one whose ``<size>`` is the *stored* size of a rotated
+    image (EXIF orientation 5-8: a labelling tool that ignores EXIF) has its boxes in stored
+    coordinates, which are rotated as detectron2 rotates the pixels. Orientations 2-4 keep the
+    size and cannot be told apart: their boxes are taken as displayed coordinates.
+
+    Raises:
+        VOCFormatError: ``<size>`` is neither the displayed nor the stored size.
+    """
     width, height = _int_text(tree, "size/width"), _int_text(tree, "size/height")
     if not check and width and height:
-        return width, height
+        return (width, height), 1
     if not os.path.isfile(image_path):
         raise FileNotFoundError(f"{xml_path}: its image {image_path} does not exist")
-    with Image.open(image_path) as img:  # reads the header only
-        real = img.size
-    if width and height and (width, height) != real:
-        raise VOCFormatError(
-            f"{xml_path}: <size> says {width}x{height} but {image_path} is {real[0]}x{real[1]}; "
-            "the boxes may be in other coordinates than the image: fix the XML or the image"
+    with Image.open(image_path) as img:  # reads the header only (EXIF included)
+        stored, orientation = img.size, _orientation(img)
+    transposed = orientation in _TRANSPOSING_ORIENTATIONS
+    displayed = (stored[1], stored[0]) if transposed else stored
+    if not (width and height) or (width, height) == displayed:
+        return displayed, 1
+    if transposed and (width, height) == stored:
+        return displayed, orientation
+    raise VOCFormatError(
+        f"{xml_path}: <size> says {width}x{height} but {image_path} is "
+        f"{displayed[0]}x{displayed[1]}"
+        + (
+            f" (stored {stored[0]}x{stored[1]}, EXIF orientation {orientation})"
+            if transposed
+            else ""
         )
-    return real
+        + "; the boxes may be in other coordinates than the image: fix the XML or the image"
+    )
+
+
+def _orient_box(box: List[float], orientation: int, stored: Tuple[int, int]) -> List[float]:
+    """A box (XYXY) in the stored pixels' coordinates, in those of the image as detectron2 reads
+    it (``detection_utils._apply_exif_orientation``: PIL's transposes for the orientation)."""
+    w, h = stored
+    x1, y1, x2, y2 = box
+    corners = {
+        5: lambda x, y: (y, x),  # TRANSPOSE
+        6: lambda x, y: (h - y, x),  # ROTATE_270
+        7: lambda x, y: (h - y, w - x),  # TRANSVERSE
+        8: lambda x, y: (y, w - x),  # ROTATE_90
+    }[orientation]
+    (a, b), (c, d) = corners(x1, y1), corners(x2, y2)
+    return [min(a, c), min(b, d), max(a, c), max(b, d)]
 
 
 def _parse_object(xml_path: str, index: int, obj: ET.Element, classes: Dict[str, int]) -> dict:
@@ -141,17 +193,21 @@ def load_voc_instances(
             tree = ET.parse(xml_path).getroot()
         except ET.ParseError as e:
             raise VOCFormatError(f"{xml_path}: not well-formed XML ({e})") from None
-        width, height = _image_size(xml_path, tree, image_path, check_image_size)
+        (width, height), orientation = _image_size(xml_path, tree, image_path, check_image_size)
+        annotations = [
+            _parse_object(xml_path, i, obj, classes) for i, obj in enumerate(tree.findall("object"))
+        ]
+        if orientation != 1:
+            stored = (height, width)  # a transposing orientation: the stored size is swapped
+            for a in annotations:
+                a["bbox"] = _orient_box(a["bbox"], orientation, stored)
         dicts.append(
             {
                 "file_name": image_path,
                 "image_id": index,
                 "width": width,
                 "height": height,
-                "annotations": [
-                    _parse_object(xml_path, i, obj, classes)
-                    for i, obj in enumerate(tree.findall("object"))
-                ],
+                "annotations": annotations,
             }
         )
     return dicts
