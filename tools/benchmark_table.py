@@ -60,6 +60,10 @@ from kd.experiments import (
     train_and_evaluate,
 )
 
+# The process checks train_net.py's own OUTPUT_DIR lock uses (one place for both locks).
+from kd.run_dir import process_alive as _alive
+from kd.run_dir import process_start_time as _start_time
+
 CONFIGS = os.path.join("configs", "kd_shapes")
 BCCD_CONFIGS = os.path.join("configs", "bccd")
 METRICS = ("AP", "AP50", "AP75")
@@ -841,28 +845,6 @@ LOCK_FILE = ".benchmark.lock"
 
 class RunLocked(Exception):
     """Another live process is training the run (``args[0]``: its process id)."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
-
-
-def _start_time(pid: int) -> str:
-    """When the process started (clock ticks since boot, Linux's /proc), '' where unknown. With
-    the pid it names one process: a lock whose pid now belongs to another process (reused, or
-    after a reboot) is stale."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # after "pid (command)": state is field 3, starttime field 22
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
 
 
 def _lock_holder(path: str) -> Optional[int]:
