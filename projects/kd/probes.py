@@ -14,6 +14,8 @@ is a ``(B, M, 4)`` tensor, with a ``(B, M)`` validity mask where images have dif
   class-agnostic, as its config says. Exactly ``StandardROIHeads._forward_box`` on those boxes.
 * :func:`probe_detr`: a DETR decodes the boxes as anchor queries over its encoder memory, isolated
   from its detection queries: sigmoid logits over K and refined boxes, at every decoder layer.
+  A Hugging Face DETR teacher (:class:`~kd.families.hf_detr.HFDETRTeacher`) answers the same way,
+  with the box queries its own family makes (zero content).
 
 A probe is a plain function of the model and its features: under ``torch.no_grad()`` for a
 teacher, with gradients for a student (whose own box head output *is* its probe at its sampled
@@ -28,6 +30,7 @@ import torch
 from detectron2.structures import Boxes
 from torch import Tensor, nn
 
+from kd.families.hf_detr import HFDETRTeacher, HFEncoded
 from kd.modeling.detr import DETR, DETREncoded, QueryGroup, denormalize_boxes, normalize_boxes
 from kd.modeling.detr.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 
@@ -292,6 +295,8 @@ def probe_detr(
         "sigmoid" answer: logits (L, B, M, K), boxes (L, B, M, 1, 4), one per decoder layer.
         Answers at padded points are meaningless.
     """
+    if isinstance(model, HFDETRTeacher):
+        return _probe_hf_detr(model, encoded, points, content, isolation, valid)
     if not isinstance(model, DETR):
         raise TypeError(f"probe_detr needs a kd.modeling.detr.DETR, got {type(model).__name__}")
     if content not in DETR_CONTENTS:
@@ -325,4 +330,37 @@ def probe_detr(
             queries = encoded.memory.new_zeros(b, m, model.hidden_dim)
         mask = ~torch.eye(m, dtype=torch.bool, device=anchors.device)
         out = model.decoder(queries, anchors.clamp(0.0, 1.0), encoded, mask)
+    return ProbeAnswer(out.logits, out.boxes[..., None, :], "sigmoid")
+
+
+def _probe_hf_detr(
+    model: HFDETRTeacher,
+    encoded: HFEncoded,
+    points: Tensor,
+    content: str,
+    isolation: str,
+    valid: Optional[Tensor],
+) -> ProbeAnswer:
+    """:func:`probe_detr` for a Hugging Face DETR teacher: the same isolation masks, its own
+    box queries."""
+    if content != "zeros":
+        raise ValueError(
+            f"KD.HETERO.DETR_CONTENT {content!r}: a Hugging Face DETR teacher makes its box "
+            "queries its own way (kd.families.hf_detr); use 'zeros'"
+        )
+    if isolation not in DETR_ISOLATIONS:
+        raise ValueError(f"isolation must be one of {DETR_ISOLATIONS}, got {isolation!r}")
+    anchors = points.to(encoded.memory.dtype)
+    b, m, _ = anchors.shape
+    if valid is not None and valid.shape != (b, m):
+        raise ValueError(f"valid must be {(b, m)} like the points, got {tuple(valid.shape)}")
+    eye = torch.eye(m, dtype=torch.bool, device=anchors.device)
+    if isolation == "point":
+        blocked = ~eye
+    elif valid is None or bool(valid.all()):
+        blocked = None
+    else:
+        # As for a DETR: padding keys hidden from every query except a padded query itself.
+        blocked = (~valid)[:, None, :].expand(b, m, m) & ~eye
+    out = model.decode(encoded, None, anchors, blocked)
     return ProbeAnswer(out.logits, out.boxes[..., None, :], "sigmoid")

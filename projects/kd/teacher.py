@@ -364,7 +364,8 @@ def _accepts_class_map(cfg: CfgNode) -> bool:
     from detectron2.modeling import META_ARCH_REGISTRY
 
     try:
-        return bool(getattr(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), "accepts_class_map"))
+        distiller = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        return bool(getattr(distiller, "accepts_class_map", False))
     except (KeyError, AttributeError):
         return False
 

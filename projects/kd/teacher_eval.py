@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kd.device import fork_rng
+from kd.families.hf_detr import is_hf_source, weights_file
 from kd.teacher import TeacherError
 from kd.weights import atomic_write, file_sha256
 
@@ -51,7 +52,21 @@ class _TeacherAsDistilled(nn.Module):
         object.__setattr__(self, "distiller", distiller)
 
     def forward(self, batched_inputs):
-        return self.distiller.teacher(self.distiller.teacher_inputs(batched_inputs))
+        outputs = self.distiller.teacher(self.distiller.teacher_inputs(batched_inputs))
+        class_map = getattr(self.distiller, "class_map", None)
+        if class_map is None:
+            return outputs
+        # A class-mapped teacher (KD.TEACHER.CLASS_MAP) is scored on the mapped classes, as the
+        # student's classes: its other classes' detections are dropped.
+        mapped = []
+        for out in outputs:
+            instances = out["instances"]
+            student = class_map.teacher_to_student(instances.pred_classes.device)
+            classes = student[instances.pred_classes]
+            instances = instances[classes >= 0]
+            instances.pred_classes = classes[classes >= 0]
+            mapped.append(dict(out, instances=instances))
+        return mapped
 
 
 @contextmanager
@@ -68,10 +83,12 @@ def _rng_kept():
 def _cache_key(cfg, dataset: str) -> Dict[str, Any]:
     t = cfg.KD.TEACHER
     weights = PathManager.get_local_path(t.WEIGHTS) if "://" in t.WEIGHTS else t.WEIGHTS
+    if not weights and is_hf_source(t.CONFIG_FILE):
+        weights = weights_file(t.CONFIG_FILE)  # a Hugging Face teacher's, in its folder
     config = t.CONFIG_FILE
     local_config = os.path.isfile(config)
     # By content: cp -p, rsync -a and tar keep another file's size and modification time.
-    return {
+    key = {
         "weights": os.path.abspath(weights),
         "weights_sha256": file_sha256(weights),
         "config_file": os.path.abspath(config) if local_config else config,
@@ -84,6 +101,9 @@ def _cache_key(cfg, dataset: str) -> Dict[str, Any]:
             "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
         },
     }
+    if t.CLASS_MAP:
+        key["class_map"] = [str(c) for c in t.CLASS_MAP]
+    return key
 
 
 def _read_cache(path: str, key: Dict[str, Any]) -> Optional[Dict[str, Any]]:

@@ -19,6 +19,10 @@ objects mostly background (measured in docs/methods.md "Heterogeneous distillati
   and the student's own detection anchors, decoded by the student as distillation queries
   (KD-DETR's general and specific points) and answered by the teacher's box head.
 
+The DETR teacher may also be a Hugging Face one (``hf://``, :mod:`kd.families.hf_detr`), and its
+classes may be mapped to the student's (``KD.TEACHER.CLASS_MAP``, :mod:`kd.class_map`; DETR ->
+Faster R-CNN only): the class terms then compare the mapped classes only.
+
 The student keeps all its own losses unchanged; the distillation terms are added as
 ``loss_kd_hetero_cls``, ``loss_kd_hetero_l1`` and ``loss_kd_hetero_giou`` (weights
 ``KD.HETERO.*``; a weight of 0 leaves its term out). Points are normalised boxes, so a
@@ -34,6 +38,8 @@ from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
+from kd.class_map import ClassMap
+from kd.families.hf_detr import HFDETRTeacher
 from kd.losses.class_space import BACKGROUND_MODES, convert_class_logits
 from kd.losses.kd_detr import kd_detr_loss
 from kd.meta_arch.base import Distiller, gt_instances_of
@@ -66,7 +72,7 @@ def _is_faster_rcnn(model: nn.Module) -> bool:
 
 
 def _family(model: nn.Module) -> str:
-    if isinstance(model, DETR):
+    if isinstance(model, (DETR, HFDETRTeacher)):
         return "DETR"
     if _is_faster_rcnn(model):
         return "Faster R-CNN"
@@ -74,7 +80,9 @@ def _family(model: nn.Module) -> str:
 
 
 def _num_classes(model: nn.Module) -> int:
-    return model.num_classes if isinstance(model, DETR) else model.roi_heads.num_classes
+    if isinstance(model, (DETR, HFDETRTeacher)):
+        return model.num_classes
+    return model.roi_heads.num_classes
 
 
 def _check_choice(key: str, value: str, choices) -> None:
@@ -103,6 +111,7 @@ class _HeteroDistiller(Distiller):
         temperature: float = 1.0,
         normalize: str = "num_queries",
         detr_isolation: str = "point",
+        class_map: Optional[ClassMap] = None,
         **kwargs,
     ):
         """
@@ -115,6 +124,8 @@ class _HeteroDistiller(Distiller):
             temperature: T of the KL.
             normalize: "num_queries" or "weight_sum", the divisor of the sums over points.
             detr_isolation: "point" or "group", how the DETR of the pair decodes the points.
+            class_map: the teacher's classes mapped to the student's (for the distillers whose
+                ``accepts_class_map``); None: the same classes.
             kwargs: :class:`Distiller` arguments.
         """
         super().__init__(**kwargs)
@@ -128,8 +139,11 @@ class _HeteroDistiller(Distiller):
                 f"(KD.STUDENT.META_ARCHITECTURE / MODEL.*). For the other direction use "
                 f"{self.config_name}; for a same-family pair use its homogeneous distiller"
             )
+        if class_map is not None and not getattr(self, "accepts_class_map", False):
+            raise ValueError(f"{type(self).__name__} compares classes index by index")
+        self.class_map = class_map
         t_k, s_k = _num_classes(self.teacher), _num_classes(self.student)
-        if t_k != s_k:
+        if class_map is None and t_k != s_k:
             raise ValueError(f"teacher predicts {t_k} classes, the student {s_k}")
         _check_choice("KD.HETERO.BACKGROUND", background, BACKGROUND_MODES)
         _check_choice("KD.HETERO.DETR_CONTENT", detr_content, DETR_CONTENTS)
@@ -209,6 +223,8 @@ class DETRToRCNNDistiller(_HeteroDistiller):
     teacher_family = "DETR"
     student_family = "Faster R-CNN"
     config_name = "RCNNToDETRDistiller"
+    # Compares the teacher's classes mapped to the student's (KD.TEACHER.CLASS_MAP).
+    accepts_class_map = True
 
     @configurable
     def __init__(
@@ -246,10 +262,11 @@ class DETRToRCNNDistiller(_HeteroDistiller):
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict:
-        kwargs, _ = cls.build_pair(cfg)
+        kwargs, info = cls.build_pair(cfg)
         r = cfg.KD.HETERO.RCNN_STUDENT
         kwargs.update(cls._common_config(cfg, r))
         kwargs.update(
+            class_map=info.class_map,
             proposal_points=r.PROPOSAL_POINTS,
             num_random_points=r.NUM_RANDOM_POINTS,
             class_target=r.CLASS_TARGET,
@@ -384,18 +401,27 @@ class DETRToRCNNDistiller(_HeteroDistiller):
         with torch.no_grad():
             encoded = self.teacher.encode(self.teacher_inputs(batched_inputs))
         teacher = self._teacher_probe(encoded, points, valid)
-        t_top = teacher.foreground_probs()[-1].argmax(dim=-1)
+        cmap = self.class_map
+        if cmap is None:
+            t_top = teacher.foreground_probs()[-1].argmax(dim=-1)
+        else:
+            # The teacher's top class among the classes both have, as a student class.
+            t_top = cmap.student_class(
+                cmap.teacher_columns(teacher.foreground_probs()[-1]).argmax(dim=-1)
+            )
         t_boxes = teacher.class_boxes()[-1][valid]
         s_boxes = student.class_boxes(t_top)[-1][valid]
         s_logits = student.logits[-1][valid]
+        t_logits = teacher.logits[-1][valid]
+        if cmap is not None:
+            # Only the classes both have (kd.class_map); the student's background stays last.
+            t_logits = cmap.teacher_columns(t_logits)
+            s_logits = torch.cat([cmap.student_columns(s_logits), s_logits[:, -1:]], 1)
         if self.class_target == "full":
-            t_logits = convert_class_logits(
-                teacher.logits[-1][valid], "sigmoid", "softmax", self.background
-            )
+            t_logits = convert_class_logits(t_logits, "sigmoid", "softmax", self.background)
             terms = self._loss(s_logits, s_boxes, t_logits, t_boxes, "softmax", True)
         else:
             # KD-DETR's KL over the K object classes: the student's logits without background.
-            t_logits = teacher.logits[-1][valid]
             terms = self._loss(s_logits[:, :-1], s_boxes, t_logits, t_boxes, "sigmoid", False)
         return self._named(terms)
 

@@ -13,6 +13,11 @@ the teacher's anchors). The teacher decodes the general points with zero content
 specific points with zero content (both models answer the identical query, the default) or its own
 learned content (``KD.KD_DETR.SPECIFIC_TEACHER_CONTENT``).
 
+The teacher may also be a Hugging Face DETR (``KD.TEACHER.CONFIG_FILE "hf://..."``: RT-DETR, D-FINE,
+DAB-DETR, two-stage Deformable DETR; :mod:`kd.families.hf_detr`), which answers the same
+questions, and its classes may be mapped to the student's (``KD.TEACHER.CLASS_MAP``,
+:mod:`kd.class_map`): the class terms then compare the mapped columns only.
+
 The student's detection queries keep their own detection loss and run in their own decoder pass, so
 the distillation queries change nothing about detection; the distillation queries get only the
 distillation loss (:func:`kd.losses.kd_detr.kd_detr_loss`), each distilled student decoder layer
@@ -33,6 +38,8 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
+from kd.class_map import ClassMap
+from kd.families.hf_detr import HFDETRTeacher
 from kd.losses.kd_detr import kd_detr_loss
 from kd.meta_arch.base import Distiller
 from kd.modeling.detr import DETR, DecoderOutput, DETREncoded, QueryGroup, denormalize_boxes
@@ -89,8 +96,11 @@ def sample_general_points(
 
 @META_ARCH_REGISTRY.register()
 class KDDETRDistiller(Distiller):
-    """KD-DETR for a DETR teacher and a DETR student (any backbone, depth, width or number of
-    detection queries; the same classes)."""
+    """KD-DETR for a DETR teacher (this project's, or a Hugging Face one) and a DETR student (any
+    backbone, depth, width or number of detection queries; the same classes, or mapped ones)."""
+
+    # Compares the teacher's classes mapped to the student's (KD.TEACHER.CLASS_MAP).
+    accepts_class_map = True
 
     @configurable
     def __init__(
@@ -108,6 +118,7 @@ class KDDETRDistiller(Distiller):
         normalize: str = "weight_sum",
         student_layers: Sequence[int] = (),
         teacher_layer: int = -1,
+        class_map: Optional[ClassMap] = None,
         **kwargs,
     ):
         """
@@ -122,16 +133,20 @@ class KDDETRDistiller(Distiller):
                 :func:`kd.losses.kd_detr.kd_detr_loss`.
             student_layers: student decoder layers distilled (negative from the end); empty: all.
             teacher_layer: the teacher decoder layer whose answers are the targets.
+            class_map: the teacher's classes mapped to the student's; None: the same classes.
             kwargs: :class:`Distiller` arguments.
         """
         super().__init__(**kwargs)
         for who, model in (("student", self.student), ("teacher", self.teacher)):
-            if not isinstance(model, DETR):
+            if not isinstance(model, DETR) and not (
+                who == "teacher" and isinstance(model, HFDETRTeacher)
+            ):
                 raise ValueError(
                     f"KDDETRDistiller needs a DETR {who} (MODEL.META_ARCHITECTURE 'DETR'; for "
                     f"other pairs see the heterogeneous distillers); got {type(model).__name__}"
                 )
-        if self.student.num_classes != self.teacher.num_classes:
+        self.class_map = class_map
+        if class_map is None and self.student.num_classes != self.teacher.num_classes:
             raise ValueError(
                 f"teacher and student predict {self.teacher.num_classes} and "
                 f"{self.student.num_classes} classes; KD-DETR compares class scores one to one"
@@ -171,9 +186,10 @@ class KDDETRDistiller(Distiller):
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict:
-        kwargs, _ = cls.build_pair(cfg)
+        kwargs, info = cls.build_pair(cfg)
         k = cfg.KD.KD_DETR
         kwargs.update(
+            class_map=info.class_map,
             num_general_points=k.NUM_GENERAL_POINTS,
             general_distribution=k.GENERAL_DISTRIBUTION,
             specific_points=k.SPECIFIC_POINTS,
@@ -261,17 +277,26 @@ class KDDETRDistiller(Distiller):
         # Drawn outside inference_mode, from the global RNG (see sample_general_points).
         return {k: v.clone() for k, v in self.sample_points(t_encoded).items()}
 
-    def teacher_groups(self, points: Dict[str, Tensor]) -> List[QueryGroup]:
+    def teacher_groups(
+        self, points: Dict[str, Tensor], t_encoded: Optional[DETREncoded] = None
+    ) -> List[QueryGroup]:
         """The query groups the teacher decodes the points as, one per set.
 
         Args:
             points: set name -> (B, M, 4) anchors.
+            t_encoded: the teacher's encoding (a Hugging Face teacher's own content queries are
+                per image).
         """
         groups = []
         for name, anchors in points.items():
             content = None
             if name == SPECIFIC and self.specific_teacher_content == "learned":
-                content = self.teacher.query_content.weight[None].expand(anchors.shape[0], -1, -1)
+                if isinstance(self.teacher, HFDETRTeacher):
+                    content = self.teacher.detection_content(t_encoded)
+                else:
+                    content = self.teacher.query_content.weight[None].expand(
+                        anchors.shape[0], -1, -1
+                    )
             groups.append(QueryGroup(anchors=anchors, content=content))
         return groups
 
@@ -289,7 +314,7 @@ class KDDETRDistiller(Distiller):
             is left an inference tensor (read-only, outside autograd).
         """
         with torch.inference_mode():
-            outputs = self.teacher.decode_groups(t_encoded, self.teacher_groups(points))
+            outputs = self.teacher.decode_groups(t_encoded, self.teacher_groups(points, t_encoded))
         # Ordinary tensors for the loss; the hidden states are not compared, so not copied.
         return {
             name: DecoderOutput(out.logits.clone(), out.boxes.clone(), out.hidden)
@@ -395,12 +420,19 @@ class KDDETRDistiller(Distiller):
             loss's ``normalize``), summed over the sets and the distilled student layers.
         """
         totals: Dict[str, Tensor] = {}
+        cmap = self.class_map
         for name, s_out in student.items():
             t_logits = teacher[name].logits[self.teacher_layer]
             t_boxes = teacher[name].boxes[self.teacher_layer]
+            if cmap is not None:
+                # Only the classes both have (kd.class_map): the others are in no class term.
+                t_logits = cmap.teacher_columns(t_logits)
             for layer in self.student_layers:
+                s_logits = s_out.logits[layer]
+                if cmap is not None:
+                    s_logits = cmap.student_columns(s_logits)
                 terms = kd_detr_loss(
-                    s_out.logits[layer], s_out.boxes[layer], t_logits, t_boxes, **self.loss_kwargs
+                    s_logits, s_out.boxes[layer], t_logits, t_boxes, **self.loss_kwargs
                 )
                 for term, value in terms.items():
                     totals[term] = totals[term] + value if term in totals else value
@@ -427,7 +459,12 @@ class KDDETRDistiller(Distiller):
         results: List[Dict[str, dict]] = [{} for _ in batched_inputs]
         for name, anchors in points.items():
             t_out, s_out = t_answers[name], s_answers[name]
-            t_scores, t_classes = t_out.logits[self.teacher_layer].sigmoid().max(-1)
+            t_logits = t_out.logits[self.teacher_layer]
+            if self.class_map is not None:
+                t_logits = self.class_map.teacher_columns(t_logits)
+            t_scores, t_classes = t_logits.sigmoid().max(-1)
+            if self.class_map is not None:
+                t_classes = self.class_map.student_class(t_classes)
             s_scores, s_classes = s_out.pred_logits.sigmoid().max(-1)
             boxes = {
                 "points": denormalize_boxes(anchors.clamp(0, 1), sizes),
