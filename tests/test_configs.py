@@ -16,6 +16,10 @@ CONFIGS = sorted(
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_loads(config):
     cfg = build_cfg(config, [])
+    if cfg.KD.TEACHER.CONFIG_FILE.startswith("hf://"):
+        # A Hugging Face teacher: config and weights from one save_pretrained folder.
+        assert not cfg.KD.TEACHER.WEIGHTS, "an hf:// teacher's weights come from its folder"
+        return
     if cfg.KD.TEACHER.CONFIG_FILE:
         assert os.path.isfile(REPO / cfg.KD.TEACHER.CONFIG_FILE), cfg.KD.TEACHER.CONFIG_FILE
         assert cfg.KD.TEACHER.WEIGHTS, "a KD config names its teacher's weights"

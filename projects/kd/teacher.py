@@ -350,11 +350,20 @@ def _yacs_info(tcfg: CfgNode, path: str) -> TeacherInfo:
 
 
 # ----------------------------------------------------------------------------- checks
-def _thing_classes(datasets: Sequence[str]) -> Optional[list]:
+def _thing_classes(datasets: Sequence[str], load: bool = False) -> Optional[list]:
     if not datasets:
         return None
+    metadata = MetadataCatalog.get(datasets[0])
+    if load and not hasattr(metadata, "thing_classes"):
+        # A COCO-json dataset says its classes when it is read (the trainer reads it anyway).
+        from detectron2.data import DatasetCatalog
+
+        try:
+            DatasetCatalog.get(datasets[0])
+        except Exception:  # noqa: BLE001 (not registered, unreadable: the names stay unknown)
+            return None
     try:
-        return list(MetadataCatalog.get(datasets[0]).thing_classes)
+        return list(metadata.thing_classes)
     except AttributeError:  # dataset registered without class names yet
         return None
 
@@ -388,11 +397,14 @@ def check_class_agreement(
     spec = [str(x) for x in cfg.KD.TEACHER.CLASS_MAP]
     n_s = num_classes_of(cfg, student_arch)
     n_t = teacher.num_classes
-    c_s = _thing_classes(list(cfg.DATASETS.TRAIN))
+    # Names are read (the datasets loaded) where they decide something: a teacher that names its
+    # own classes, other class counts, or aliases. Otherwise names already known are compared.
+    load = teacher.class_names is not None or n_s != n_t or bool(spec and spec != [INDEX])
+    c_s = _thing_classes(list(cfg.DATASETS.TRAIN), load)
     c_t = (
         list(teacher.class_names)
         if teacher.class_names is not None
-        else _thing_classes(teacher.train_datasets)
+        else _thing_classes(teacher.train_datasets, load)
     )
     by_name = spec != [INDEX] and c_s is not None and c_t is not None
     if by_name and (len(c_s) != n_s or len(c_t) != n_t):
