@@ -277,3 +277,13 @@ def test_bccd_kd_checkpoint_extracts_predicts_and_exports(tools, images, tmp_pat
     assert record["backbone"] == "build_mobilenetv2_fpn_backbone"
     assert record["input"]["shape"] == [3, 240, 320]
     assert not any(w["failed"] for w in record["check"]["runtimes"].values())
+
+
+def test_config_options_after_check_images_are_options(tools, images):
+    """``--check IMAGES KEY VALUE``: the options are not taken for image paths."""
+    args = tools["export_student"].parse_args(
+        ["--config-file", "c.yaml", "--output", "o", "--check", str(images)]
+        + ["MODEL.MOBILENET.IMAGENET_WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "120"]
+    )
+    assert args.check == [str(images)]
+    assert args.opts == ["MODEL.MOBILENET.IMAGENET_WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "120"]

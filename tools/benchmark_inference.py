@@ -360,7 +360,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--eval", action="store_true", help="evaluate both on DATASETS.TEST[0]")
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (both)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, TOOLS)
+    from export_student import split_config_options
+
+    args.images, args.opts = split_config_options(args.images, args.opts)
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:

@@ -44,6 +44,7 @@ plain ONNX / TorchScript: running the files needs neither detectron2 nor ``kd``.
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -209,6 +210,18 @@ def resized_image(path: str, cfg, aug) -> torch.Tensor:
     return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
 
 
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+
+
+def split_config_options(paths: List[str], opts: List[str]) -> Tuple[List[str], List[str]]:
+    """``KEY VALUE`` options that a list option (``nargs="+"``) took: from the first config key
+    (``MODEL.X``) on, they are config options, not paths."""
+    for i, token in enumerate(paths):
+        if _CONFIG_KEY.match(token) and not os.path.exists(token):
+            return paths[:i], [*paths[i:], *opts]
+    return paths, opts
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, help="student, detector or KD config")
@@ -219,7 +232,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--check", nargs="+", default=[], help="images or folders to compare on")
     parser.add_argument("--atol", type=float, default=1e-3, help="tolerance of --check")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.check, args.opts = split_config_options(args.check, args.opts)
+    return args
 
 
 def run(args: argparse.Namespace) -> Dict:
