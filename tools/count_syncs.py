@@ -23,10 +23,10 @@ How they are counted:
   torch calls that synchronise on a GPU (``item``, ``tolist``, ``numpy``, ``cpu``, ``bool()``,
   ``int()``, ``float()``, ``nonzero``, ``where(cond)``, ``unique``, ``masked_select``,
   ``repeat_interleave`` without ``output_size``, ``torch.equal``, NMS, indexing with a boolean
-  tensor, ``.to("cpu")``). It sees the Python calls of the forward passes (calls inside a torch call are that
-  call's own), not kernels that sync inside C++ code; ``.cpu()`` is counted whatever tensor it is
-  called on (on a GPU it syncs only for CUDA tensors). The CPU count is an estimate of the CUDA
-  one, close for the code this project writes, which is where the KD-added ones come from.
+  tensor, ``.to("cpu")``). It sees the Python-level calls (what a torch call does inside is its
+  own), not syncs inside C++ kernels or in the backward pass; ``.cpu()`` is counted whatever
+  tensor it is called on (on a GPU it syncs only for CUDA tensors). The CPU count is an estimate
+  of the CUDA one, close for Python code such as this project's, where the KD-added ones are.
 
 ``--sites N`` lists, per config, the N lines of code that add the most synchronisations in the
 distiller's step over the student's (the place to look when reducing them). The target is at most
@@ -86,9 +86,7 @@ def _benchmark_kd():
 
 def _has_bool_tensor(index) -> bool:
     items = index if isinstance(index, (tuple, list)) else (index,)
-    return any(
-        isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() > 0 for i in items
-    )
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() > 0 for i in items)
 
 
 def is_sync(func: Callable, args: tuple, kwargs: dict) -> bool:
