@@ -728,7 +728,7 @@ def recorded(run: dict, output: str, record: Dict[str, dict]) -> Optional[Dict[s
     return {
         k: v
         for k, v in entry.items()
-        if k in (*METRICS, "teacher_AP", "curve") or k.startswith("AP-")
+        if k in (*METRICS, "teacher_AP", "teacher_own_AP", "curve") or k.startswith("AP-")
     }
 
 

@@ -67,6 +67,12 @@ def add_kd_config(cfg: CN) -> None:
     # detector scores about 0; below 1 AP the teacher is broken (other data or classes, BGR/RGB
     # or pixel-statistics mix-up, no training), not weak. 0: nothing is refused for its AP.
     cfg.KD.TEACHER.MIN_AP = 1.0
+    # A teacher fed another input size than its own (GID feeds it the student's images) may
+    # answer much worse there. When the run's test size (INPUT.MIN/MAX_SIZE_TEST) differs from
+    # the teacher's own (its yacs config's), the teacher is also evaluated at its own size
+    # (cached alike, logged as teacher/own_input/bbox/*), and a warning names the gap when the
+    # AP at the run's input is more than this many AP points below. 0: no second evaluation.
+    cfg.KD.TEACHER.INPUT_AP_GAP = 5.0
     # Checkpoints hold the sha256 of the teacher weights file; --resume with another file stops
     # (the student would continue with another teacher without a word). True: continue anyway.
     cfg.KD.TEACHER.ALLOW_CHANGE = False

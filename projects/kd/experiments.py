@@ -96,7 +96,8 @@ def read_results(out_dir: str) -> Dict[str, float]:
     """AP, AP50, AP75 and each class's AP (``AP-<class>``, COCOEvaluator's names; a class
     without a figure, e.g. absent from the evaluation set, is left out) of a finished run (its
     ``eval_results.json``), and for a distilled student the box AP its teacher scored before
-    the first step, on the student's input (``teacher_AP``, from ``teacher_eval.json``), and
+    the first step, on the student's input (``teacher_AP``, from ``teacher_eval.json``) and at
+    its own test size where that differs (``teacher_own_AP``), and
     for a run evaluated periodically its ``curve``: ``[[iteration, AP], ...]`` from
     ``metrics.json`` (iterations counted from 1, as detectron2's EvalHook logs them)."""
     with open(os.path.join(out_dir, "eval_results.json")) as f:
@@ -110,8 +111,12 @@ def read_results(out_dir: str) -> Dict[str, float]:
     if os.path.isfile(teacher_eval):
         with open(teacher_eval) as f:
             entries = json.load(f)
-        if entries:  # the last evaluation: the teacher this run resumed with
-            results["teacher_AP"] = round(float(entries[-1]["results"]["bbox"]["AP"]), 2)
+        # The last evaluation: the teacher this run resumed with; at the run's input, and at
+        # the teacher's own test size where it was measured too (KD.TEACHER.INPUT_AP_GAP).
+        for name, own in (("teacher_AP", False), ("teacher_own_AP", True)):
+            fed = [e for e in entries if bool(e["key"].get("own_input")) == own]
+            if fed:
+                results[name] = round(float(fed[-1]["results"]["bbox"]["AP"]), 2)
     curve = ap_curve(out_dir)
     if len(curve) > 1:
         results["curve"] = curve

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any, Dict, Optional
 
 import numpy as np
+from detectron2.config import CfgNode
 from detectron2.engine import HookBase
 from detectron2.evaluation import inference_on_dataset
 from detectron2.evaluation.testing import flatten_results_dict
@@ -32,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kd.device import fork_rng
 from kd.families.hf_detr import is_hf_source, weights_file
-from kd.teacher import TeacherError
+from kd.teacher import TeacherError, load_teacher_config
 from kd.weights import atomic_write, file_sha256
 
 __all__ = ["TeacherEvalHook", "CACHE_FILE"]
@@ -171,38 +172,99 @@ class TeacherEvalHook(HookBase):
             logger.info("Teacher AP not measured: DATASETS.TEST is empty")
             return None
         dataset = cfg.DATASETS.TEST[0]
-        key = _cache_key(cfg, dataset)
-        cache = os.path.join(cfg.OUTPUT_DIR, CACHE_FILE)
-        # Every process takes the main process's answer, so all of them evaluate or none does,
-        # and all stop together.
-        cached = comm.all_gather(_read_cache(cache, key) if comm.is_main_process() else None)[0]
-        if cached is None:
-            logger.info(
-                "Evaluating the teacher (%s) on %s before training", cfg.KD.TEACHER.WEIGHTS, dataset
-            )
-            with _rng_kept():
-                results = inference_on_dataset(
-                    _TeacherAsDistilled(model),
-                    trainer.build_test_loader(cfg, dataset),
-                    trainer.build_evaluator(
-                        cfg, dataset, os.path.join(cfg.OUTPUT_DIR, "inference", "teacher", dataset)
-                    ),
-                )
-            results = comm.all_gather(_plain(results) if comm.is_main_process() else None)[0]
-            if comm.is_main_process():
-                _write_cache(cache, key, results)
-        else:
-            results = cached
+        logger.info("Teacher (%s) on %s before training", cfg.KD.TEACHER.WEIGHTS, dataset)
+        results, cached = self._measure(
+            trainer, model, cfg, dataset, os.path.join(cfg.OUTPUT_DIR, "inference", "teacher")
+        )
         box = results.get("bbox", {})
         logger.info(
             "Teacher AP on %s%s: %s",
             dataset,
-            f" (cached in {cache})" if cached is not None else "",
+            f" (cached in {os.path.join(cfg.OUTPUT_DIR, CACHE_FILE)})" if cached else "",
             ", ".join(f"{k} {box[k]:.2f}" for k in ("AP", "AP50", "AP75") if k in box) or "none",
         )
         self._results = results
         self._gate(cfg, dataset, box.get("AP"))
+        own = self._own_input_results(trainer, model, dataset)
+        if own is not None:
+            self._results = {**results, **{f"own_input/{k}": v for k, v in own.items()}}
+            self._compare(cfg, dataset, box.get("AP"), own.get("bbox", {}).get("AP"))
         return results
+
+    @staticmethod
+    def _measure(
+        trainer, model, cfg, dataset: str, folder: str, own_input: bool = False
+    ) -> "tuple[dict, bool]":
+        """The teacher's results on ``dataset`` fed as ``cfg`` says, and whether they came from
+        the cache (``OUTPUT_DIR/teacher_eval.json``; the evaluation at the teacher's own size,
+        ``own_input``, is marked so in its key); evaluation output under ``folder``."""
+        key = _cache_key(cfg, dataset)
+        if own_input:
+            key["own_input"] = True
+        cache = os.path.join(cfg.OUTPUT_DIR, CACHE_FILE)
+        # Every process takes the main process's answer, so all of them evaluate or none does,
+        # and all stop together.
+        cached = comm.all_gather(_read_cache(cache, key) if comm.is_main_process() else None)[0]
+        if cached is not None:
+            return cached, True
+        with _rng_kept():
+            results = inference_on_dataset(
+                _TeacherAsDistilled(model),
+                trainer.build_test_loader(cfg, dataset),
+                trainer.build_evaluator(cfg, dataset, os.path.join(folder, dataset)),
+            )
+        results = comm.all_gather(_plain(results) if comm.is_main_process() else None)[0]
+        if comm.is_main_process():
+            _write_cache(cache, key, results)
+        return results, False
+
+    def _own_input_results(self, trainer, model, dataset: str):
+        """The teacher's results at its own test size when the run feeds it another one (its
+        yacs config's INPUT.MIN/MAX_SIZE_TEST; None for other teachers, the same size, or
+        ``KD.TEACHER.INPUT_AP_GAP`` 0)."""
+        cfg = trainer.cfg
+        if cfg.KD.TEACHER.INPUT_AP_GAP <= 0:
+            return None
+        if is_hf_source(cfg.KD.TEACHER.CONFIG_FILE):
+            return None  # its processor's own size is not a detectron2 test size
+        tcfg = load_teacher_config(cfg)
+        if not isinstance(tcfg, CfgNode):
+            return None  # a LazyConfig: its test mapper's augmentations say its size
+        own = (tcfg.INPUT.MIN_SIZE_TEST, tcfg.INPUT.MAX_SIZE_TEST)
+        if own == (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST):
+            return None
+        ocfg = cfg.clone()
+        ocfg.defrost()
+        ocfg.INPUT.MIN_SIZE_TEST, ocfg.INPUT.MAX_SIZE_TEST = own
+        ocfg.freeze()
+        logger.info("Evaluating the teacher at its own test size (%s, max %s) too", own[0], own[1])
+        folder = os.path.join(cfg.OUTPUT_DIR, "inference", "teacher_own_input")
+        return self._measure(trainer, model, ocfg, dataset, folder, own_input=True)[0]
+
+    @staticmethod
+    def _compare(cfg, dataset: str, ap: Optional[float], own_ap: Optional[float]) -> None:
+        if ap is None or own_ap is None or not np.isfinite(own_ap):
+            return
+        ap = 0.0 if np.isnan(ap) else ap
+        gap = cfg.KD.TEACHER.INPUT_AP_GAP
+        logger.info(
+            "Teacher AP on %s at its own test size: %.2f (at this run's: %.2f)", dataset, own_ap, ap
+        )
+        if own_ap - ap > gap:
+            logger.warning(
+                "The teacher answers badly at the input this run feeds it: %.2f AP on %s at this "
+                "run's test size (INPUT.MIN_SIZE_TEST %s, MAX_SIZE_TEST %s) against %.2f at its "
+                "own, more than KD.TEACHER.INPUT_AP_GAP %g below: it would distil its mistakes "
+                "at that size. Train the teacher at the student's input (e.g. "
+                "configs/bccd/*_teacher_student_input.yaml), or use a method that feeds the "
+                "teacher its own input (Chen et al. 2017, KD-DETR, the heterogeneous distillers)",
+                ap,
+                dataset,
+                cfg.INPUT.MIN_SIZE_TEST,
+                cfg.INPUT.MAX_SIZE_TEST,
+                own_ap,
+                gap,
+            )
 
     @staticmethod
     def _gate(cfg, dataset: str, ap: Optional[float]) -> None:
