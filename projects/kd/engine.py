@@ -321,6 +321,10 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
         # A missing evaluation image stops the run now, not at its first evaluation.
         validate_test_datasets(cfg)
         self._sampler = getattr(data_loader, "kd_sampler", None)
+        # SIGTERM/SIGUSR1 from here on stop the run after a step, with a checkpoint; set before
+        # the ranks meet in DDP's constructor, so that every rank has it once any trains.
+        self._preemption = PreemptionHook()
+        self._preemption.install()
         model = _create_ddp_model(model)
         if cfg.SOLVER.AMP.ENABLED:  # float16 or bfloat16, on CUDA or the CPU (kd/amp.py)
             self._trainer = MixedPrecisionTrainer(
@@ -363,13 +367,11 @@ class Trainer(compat.TrainerStateMixin, DefaultTrainer):
         self._teacher_eval = TeacherEvalHook()
         ret.append(self._teacher_eval)
 
-        def before_save() -> None:
-            # Each rank's own BatchNorm statistics, not their average: the run continues as if
-            # never stopped (the checkpoint's model holds the main process's).
-            state.gather(buffers=True)
-
+        # Each rank's own BatchNorm statistics, not their average, saved on preemption: the run
+        # continues as if never stopped (the checkpoint's model holds the main process's).
+        self._preemption.before_save = lambda: state.gather(buffers=True)
         # Last: the step's other hooks have run when a preemption signal saves a checkpoint.
-        ret.append(PreemptionHook(before_save))
+        ret.append(self._preemption)
         return ret
 
     def train(self):

@@ -54,24 +54,33 @@ class PreemptionHook(HookBase):
     evaluation, writers) have run when it saves.
     """
 
-    def __init__(self, before_save: Callable[[], None]):
+    def __init__(self, before_save: Callable[[], None] = lambda: None):
         """
         Args:
             before_save: called on every rank right before the checkpoint is saved (a
-                collective: make the buffers equal, gather the RNG states).
+                collective, e.g. gathering every rank's RNG states); may be set later as the
+                attribute ``before_save``.
         """
-        self._before_save = before_save
+        self.before_save = before_save
         self._received = 0
         self._previous: Dict[int, object] = {}
 
     def _handle(self, signum: int, frame) -> None:
+        if self._received:  # asked twice: stop now, as without the handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self._received = signum
 
-    def before_train(self) -> None:
-        if not _in_main_thread():  # signal handlers can only be set there
+    def install(self) -> None:
+        """Catch the signals from now on (idempotent). The trainer calls it while it is built:
+        a signal that comes before the first step stops the run after that step."""
+        if self._previous or not _in_main_thread():  # handlers can only be set there
             return
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+
+    def before_train(self) -> None:
+        self.install()
 
     def after_train(self) -> None:
         for sig, handler in self._previous.items():
@@ -96,7 +105,7 @@ class PreemptionHook(HookBase):
         if not signum or self.trainer.iter + 1 >= self.trainer.max_iter:
             return
         trainer, iteration = self.trainer, self.trainer.iter
-        self._before_save()
+        self.before_save()
         name = f"model_{iteration:07d}"
         path = os.path.join(trainer.cfg.OUTPUT_DIR, f"{name}.pth")
         if comm.is_main_process():
