@@ -93,7 +93,9 @@ def _rng_state() -> Dict[str, Any]:
         "python": random.getstate(),
         "numpy": _numpy_state_to_tensors(np.random.get_state()),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # The process's own GPU only: resumed where fewer GPUs are visible, a list of every
+        # visible GPU's state would not fit.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -101,8 +103,14 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or (isinstance(cuda, list) and not cuda) or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, list):  # checkpoints before: every visible GPU's, restored where they fit
+        for device, device_state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)
+    else:
+        torch.cuda.set_rng_state(cuda)
 
 
 class TrainingStateHook(hooks.HookBase):
