@@ -46,6 +46,7 @@ def test_sigusr1_saves_after_the_step_and_stops(tmp_path, capsys):
         hook.after_step()  # no signal: nothing happens
         assert not hook.trainer.checkpointer.saved
         os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's --signal; without the hook: death
+        os.kill(os.getpid(), signal.SIGUSR1)  # the same request again (group + forwarded)
         with pytest.raises(Preempted) as stopped:
             hook.after_step()
     finally:

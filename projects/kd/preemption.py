@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, Optional
 
@@ -31,6 +32,8 @@ __all__ = ["PREEMPTION_SIGNALS", "Preempted", "PreemptionHook", "forward_signals
 logger = logging.getLogger(__name__)
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Seconds within which a repeated signal is the same request (see PreemptionHook._handle).
+_REPEAT_WINDOW_S = 5.0
 
 
 class Preempted(BaseException):
@@ -63,13 +66,18 @@ class PreemptionHook(HookBase):
         """
         self.before_save = before_save
         self._received = 0
+        self._received_at = 0.0
         self._previous: Dict[int, object] = {}
 
     def _handle(self, signum: int, frame) -> None:
-        if self._received:  # asked twice: stop now, as without the handler
+        # A signal sent to the whole process group also reaches a worker through the process
+        # that forwards it (forward_signals_to_children): a repeat within seconds is the same
+        # request. Asked again later: stop now, as without the handler.
+        if self._received and time.monotonic() - self._received_at > _REPEAT_WINDOW_S:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        self._received = signum
+        if not self._received:
+            self._received, self._received_at = signum, time.monotonic()
 
     def install(self) -> None:
         """Catch the signals from now on (idempotent). The trainer calls it while it is built:
@@ -87,7 +95,7 @@ class PreemptionHook(HookBase):
             signal.signal(sig, handler)
         self._previous = {}
         if self._received and self.trainer.iter + 1 >= self.trainer.max_iter:
-            # It came after the last step (the final checkpoint exists): die of it as asked.
+            # It came after the last step: the final checkpoint exists, the run ends anyway.
             logger.info("Got %s after the last iteration", signal.Signals(self._received).name)
 
     def _agreed_signal(self) -> int:
