@@ -173,9 +173,11 @@ def select_general_instances_batched(
         beyond.scatter_(1, candidates.topk(pre_nms_top_k, dim=1).indices, False)
         candidates = candidates.masked_fill(beyond, float("-inf"))
     index, kept = greedy_nms_first_k(boxes, candidates, nms_iou, top_k)
+    # One gather for the batch, split per image (a boolean gather per image would wait for the
+    # GPU each time): the same indices in the same order.
+    per_image = index[kept].split(kept.sum(dim=1).tolist())
     out = []
-    for i in range(scores.shape[0]):
-        idx = index[i][kept[i]]
+    for i, idx in enumerate(per_image):
         out.append((boxes[i, idx], scores[i, idx], from_teacher[i, idx]))
     return out
 

@@ -314,7 +314,8 @@ class Chen2017Distiller(Distiller):
         gt_labels = torch.stack(gt_labels)  # (N, A) 1 = object, 0 = background, -1 = ignored
         normalizer = rpn.batch_size_per_image * gt_labels.shape[0]  # M, as in the RPN's own loss
         if self.rpn_soft_cls:
-            sampled = gt_labels >= 0
+            # Boolean masks made index tensors once: each masked gather would wait for the GPU.
+            sampled = (gt_labels >= 0).nonzero(as_tuple=True)
             soft = objectness_soft_cross_entropy(
                 cat(logits, dim=1)[sampled],
                 cat(t_logits, dim=1)[sampled],
@@ -329,9 +330,9 @@ class Chen2017Distiller(Distiller):
                 / normalizer
             )
         if self.rpn_bounded_reg:
-            positive = gt_labels == 1
+            positive = (gt_labels == 1).nonzero(as_tuple=True)  # (images, anchors)
             anchor_boxes = type(anchors[0]).cat(anchors).tensor
-            pos_anchors = anchor_boxes[None].expand(len(gt_boxes), -1, -1)[positive]
+            pos_anchors = anchor_boxes[positive[1]]
             targets = rpn.box2box_transform.get_deltas(pos_anchors, torch.stack(gt_boxes)[positive])
             t_pos = _deltas_in_student_space(
                 cat(t_deltas, dim=1)[positive],
@@ -397,7 +398,7 @@ class Chen2017Distiller(Distiller):
             )
         if self.rcn_bounded_reg:
             num_classes = scores.shape[1] - 1
-            fg = (gt_classes >= 0) & (gt_classes < num_classes)
+            fg = ((gt_classes >= 0) & (gt_classes < num_classes)).nonzero().squeeze(1)
             proposal_boxes = cat([b.tensor for b in boxes])[fg]
             # An image without ground truth gets no gt_boxes field; detectron2's box losses stand
             # in its proposals (all background, so none is selected here).

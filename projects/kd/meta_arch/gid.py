@@ -285,9 +285,9 @@ class GeneralInstanceDistillation(nn.Module):
                 student_boxes,
                 image_sizes,
             )
-            lowest = best.values[:, -1].tolist()
-            if all(
-                len(s) == self.top_k and s[-1] > low for (_, s, _), low in zip(selected, lowest)
+            # One comparison for the batch (a Python one per image would wait for the GPU each).
+            if all(len(s) == self.top_k for _, s, _ in selected) and bool(
+                (torch.stack([s[-1] for _, s, _ in selected]) > best.values[:, -1]).all()
             ):
                 return [Boxes(boxes) for boxes, _, _ in selected]
             num *= 4
@@ -438,12 +438,14 @@ class GeneralInstanceDistillation(nn.Module):
         if not self.needs_response:
             return losses
         # Only the masked rows are evaluated; the normaliser is their count over the batch.
+        # The mask made an index tensor once: each boolean-mask gather would wait for the GPU.
+        rows = mask.nonzero(as_tuple=True)
         cls_loss, reg_loss = gi_response_loss(
-            student_cls[mask],
-            teacher_cls[mask],
-            student_deltas[mask],
-            teacher_deltas[mask],
-            torch.ones(int(mask.sum()), dtype=torch.bool, device=mask.device),
+            student_cls[rows],
+            teacher_cls[rows],
+            student_deltas[rows],
+            teacher_deltas[rows],
+            torch.ones(rows[0].shape[0], dtype=torch.bool, device=mask.device),
         )
         if self.response_cls_weight > 0:
             losses[PREFIX + "response_cls"] = self.response_cls_weight * cls_loss
@@ -530,10 +532,11 @@ def matcher_foreground(matcher: Matcher, gi_boxes: List[Boxes], anchors: Boxes) 
             low_quality |= (iou == iou.max(dim=1, keepdim=True).values) & valid[:, j, None]
     # An image without boxes keeps -inf: the lowest bin, as Matcher labels an empty ground truth.
     labels = torch.ones((n, r), dtype=torch.int8, device=a.device)
+    # masked_fill_, not labels[mask] = ...: the same values without waiting for the GPU.
     for label, low, high in zip(matcher.labels, matcher.thresholds[:-1], matcher.thresholds[1:]):
-        labels[(best >= low) & (best < high)] = label
+        labels.masked_fill_((best >= low) & (best < high), label)
     if matcher.allow_low_quality_matches:
-        labels[low_quality] = 1
+        labels.masked_fill_(low_quality, 1)
     return labels == 1
 
 

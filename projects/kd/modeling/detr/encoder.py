@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from kd.modeling.detr.attention import build_memory_attention
 from kd.modeling.detr.layers import FeedForward
+from kd.modeling.detr.ms_deform_attn import level_shapes, with_level_shapes
 from kd.modeling.detr.position_encoding import mask_sine_embedding
 from kd.modeling.detr.structures import DETREncoded
 
@@ -46,7 +47,7 @@ def flatten_levels(
         valid_w = (~mask[:, 0, :]).sum(1).to(x.dtype) / w
         ratios.append(torch.stack([valid_w, valid_h], dim=-1))
     device = maps[0].device
-    spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+    spatial_shapes = with_level_shapes(shapes, device)
     sizes = spatial_shapes.prod(1)
     level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     return DETREncoded(
@@ -71,7 +72,7 @@ def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Te
         (B, S, 2) (x, y); values above 1 fall in the padding.
     """
     refs = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    for level, (h, w) in enumerate(level_shapes(spatial_shapes)):
         ys = torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5
         xs = torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5
         y = ys[None, :, None] / (valid_ratios[:, level, 1, None, None] * h)

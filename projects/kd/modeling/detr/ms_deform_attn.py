@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ms_deform_attn", "MSDeformAttn"]
+__all__ = ["ms_deform_attn", "MSDeformAttn", "level_shapes", "with_level_shapes"]
 
 
 def _load_native_kernel():
@@ -50,6 +50,26 @@ class _NativeMSDeformAttn(Function):
             value, spatial_shapes, level_start_index, locations, weights, grad_out, ctx.im2col_step
         )
         return grad_value, None, None, grad_loc, grad_w, None
+
+
+def with_level_shapes(shapes: List[Tuple[int, int]], device: torch.device) -> Tensor:
+    """The (L, 2) long tensor of the levels' (height, width), carrying them as Python ints too.
+
+    Every deformable layer and the reference points need the shapes as ints; reading them back
+    from a GPU tensor (``tolist``) makes the host wait for the GPU, once per layer.
+    """
+    spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+    spatial_shapes.kd_level_shapes = tuple((int(h), int(w)) for h, w in shapes)
+    return spatial_shapes
+
+
+def level_shapes(spatial_shapes: Tensor) -> List[Tuple[int, int]]:
+    """The levels' (height, width) as Python ints: those :func:`with_level_shapes` attached, else
+    read from the tensor."""
+    shapes = getattr(spatial_shapes, "kd_level_shapes", None)
+    if shapes is None:
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return list(shapes)
 
 
 def _uses_native_kernel(value: Tensor) -> bool:
@@ -96,7 +116,7 @@ def ms_deform_attn(
         return out.to(value.dtype)
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    shapes: List[Tuple[int, int]] = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    shapes = level_shapes(spatial_shapes)
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample wants [-1, 1] coordinates and one (batch x head) image per sample set.
     grids = 2 * sampling_locations - 1

@@ -11,6 +11,7 @@ from torch import nn
 
 from kd.modeling.detr.box_ops import inverse_sigmoid
 from kd.modeling.detr.layers import MLP, prior_bias
+from kd.modeling.detr.ms_deform_attn import level_shapes
 from kd.modeling.detr.structures import DETREncoded
 
 __all__ = ["encoder_proposals", "QuerySelection"]
@@ -25,7 +26,7 @@ def encoder_proposals(tokens: DETREncoded):
     """
     boxes = []
     ratios = tokens.valid_ratios
-    for level, (h, w) in enumerate(tokens.spatial_shapes.tolist()):
+    for level, (h, w) in enumerate(level_shapes(tokens.spatial_shapes)):
         ys = torch.arange(h, dtype=ratios.dtype, device=ratios.device) + 0.5
         xs = torch.arange(w, dtype=ratios.dtype, device=ratios.device) + 0.5
         y = (ys[None, :, None] / (ratios[:, level, 1, None, None] * h)).expand(-1, h, w)
