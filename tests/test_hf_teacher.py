@@ -174,3 +174,24 @@ def test_a_missing_folder_says_so(tmp_path):
 
     with pytest.raises(HFTeacherError, match="save_pretrained"):
         HFDETRTeacher.from_source(f"hf://{tmp_path / 'nothing'}")
+
+
+def test_a_bfloat16_teacher_answers_in_float32(tmp_path, one_thread):
+    """KD.TEACHER.DTYPE: the decoder runs under the teacher's autocast, what it hands the
+    distillers (memory, answers) is float32 and close to the float32 teacher's."""
+    from kd.device import set_precision
+    from kd.families.hf_detr import HFDETRTeacher
+    from kd.modeling.detr.structures import QueryGroup
+
+    save_tiny("rt_detr", tmp_path, CLASSES)
+    teacher = HFDETRTeacher.from_source(f"hf://{tmp_path}").eval()
+    points = torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.2
+    with torch.no_grad():
+        ref = teacher.decode_groups(teacher.encode(_batch()), [QueryGroup(points)])[0]
+        set_precision(teacher, torch.bfloat16, "cpu")
+        encoded = teacher.encode(_batch())
+        out = teacher.decode_groups(encoded, [QueryGroup(points)])[0]
+    assert encoded.memory.dtype == out.logits.dtype == out.boxes.dtype == torch.float32
+    assert not torch.equal(out.logits, ref.logits)  # it did run in bfloat16
+    torch.testing.assert_close(out.logits, ref.logits, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(out.boxes, ref.boxes, atol=0.02, rtol=0)

@@ -225,6 +225,7 @@ def load_hf_detector(source: str) -> Tuple[nn.Module, Optional[dict]]:
     """
     try:
         from transformers import AutoConfig, AutoModelForObjectDetection
+        from transformers.utils import logging as hf_logging
     except ImportError as e:
         raise HFTeacherError(
             f"KD.TEACHER.CONFIG_FILE '{HF_PREFIX}{source}' needs the transformers package "
@@ -244,6 +245,7 @@ def load_hf_detector(source: str) -> Tuple[nn.Module, Optional[dict]]:
             "folder written by save_pretrained"
         ) from None
     check_family(config, source)
+    hf_logging.disable_progress_bar()  # one bar per weight file in every training log otherwise
     use_safetensors = True if _local_file(source, "model.safetensors") else None
     try:
         model, info = AutoModelForObjectDetection.from_pretrained(
@@ -426,7 +428,12 @@ class HFDETRTeacher(nn.Module):
         return self._encoded(recorded, sizes)
 
     def _encoded(self, kw: Dict[str, Any], sizes: List[Tuple[int, int]]) -> HFEncoded:
-        kw = dict(kw)
+        # float32 as every teacher answer is (under KD.TEACHER.DTYPE the decoder's own calls still
+        # run in the teacher's precision): the points drawn from the memory's dtype stay float32.
+        kw = {
+            k: v.float() if isinstance(v, Tensor) and v.is_floating_point() else v
+            for k, v in kw.items()
+        }
         for k in ("output_attentions", "output_hidden_states", "return_dict"):
             kw.pop(k, None)
         content = kw.pop("inputs_embeds")

@@ -93,6 +93,8 @@ def _check_choice(key: str, value: str, choices) -> None:
 class _HeteroDistiller(Distiller):
     """The part both directions share: the loss weights, the class mapping and the loss call."""
 
+    # None: the same classes, compared index by index (KD.TEACHER.CLASS_MAP).
+    class_map: Optional[ClassMap] = None
     # Set by the subclasses: the families they accept, for the error message.
     teacher_family = ""
     student_family = ""

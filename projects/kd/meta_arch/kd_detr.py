@@ -101,6 +101,8 @@ class KDDETRDistiller(Distiller):
 
     # Compares the teacher's classes mapped to the student's (KD.TEACHER.CLASS_MAP).
     accepts_class_map = True
+    # None: the same classes, compared index by index.
+    class_map: Optional[ClassMap] = None
 
     @configurable
     def __init__(
