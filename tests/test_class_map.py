@@ -175,3 +175,21 @@ def test_the_teacher_ap_check_scores_the_mapped_classes():
     (out,) = _TeacherAsDistilled(distiller)([{}])
     assert out["instances"].pred_classes.tolist() == [1, 0]  # b -> 1, a -> 0; x dropped
     assert out["instances"].scores.tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_a_yacs_teacher_is_mapped_by_its_datasets_class_names(datasets_root):
+    """Any teacher source: a yacs / LazyConfig teacher's names are its DATASETS.TRAIN[0]'s."""
+    from conftest import TINY_DETR_OPTS, build_cfg
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from kd.teacher import TeacherInfo, check_class_agreement
+
+    name = "kdtest_superset_teacher_train"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [])
+        MetadataCatalog.get(name).thing_classes = ["hexagon", "ellipse", "cross", "star"]
+    cfg = build_cfg("configs/kd_shapes/detr_kd_detr.yaml", TINY_DETR_OPTS)
+    info = TeacherInfo(None, "BGR", 4, (name,), "teacher.yaml")
+    cmap = check_class_agreement(cfg, info, "DETR")
+    assert cmap.pairs() == [("star", "star"), ("cross", "cross"), ("ellipse", "ellipse")]
+    assert cmap.missing == ["disc", "ring", "square", "triangle"]

@@ -123,3 +123,29 @@ def test_mapped_classes_are_refused_by_distillers_that_compare_index_by_index(
     info = TeacherInfo(None, "RGB", len(SUPERSET), (), mapped_d_fine_teacher, tuple(SUPERSET))
     with pytest.raises(TeacherError, match="class-count mismatch.*KD.TEACHER.CLASS_MAP maps"):
         check_class_agreement(cfg, info, "GeneralizedRCNN")
+
+
+def test_a_teacher_lacking_student_classes_distils_the_others(datasets_root, tmp_path, one_thread):
+    """The reverse case: the teacher knows 3 of the student's 7 classes; the other 4 are in no
+    class term (mapped as documented, not refused) and the step trains."""
+    import copy
+
+    import torch
+    from conftest import build_cfg
+    from detectron2.data import DatasetMapper, get_detection_dataset_dicts
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    save_tiny("rt_detr", tmp_path / "t", ["square", "disc", "star"], size=64)
+    opts = _kd_detr_opts(f"hf://{tmp_path / 't'}", tmp_path / "run")
+    cfg = build_cfg("configs/kd_shapes/detr_kd_detr_hf.yaml", opts)
+    model = build_model(cfg).train()
+    assert model.class_map.pairs() == [("disc", "disc"), ("square", "square"), ("star", "star")]
+    assert model.class_map.missing == ["ring", "triangle", "cross", "ellipse"]
+    mapper = DatasetMapper(build_cfg("configs/kd_shapes/detr_student.yaml", TINY_DETR_OPTS), True)
+    batch = [mapper(copy.deepcopy(d)) for d in get_detection_dataset_dicts(cfg.DATASETS.TRAIN)[:2]]
+    with EventStorage(0):
+        losses = model(batch)
+    assert all(torch.isfinite(losses[f"loss_kd_kd_detr_{t}"]) for t in ("cls", "l1", "giou"))
+    sum(losses.values()).backward()
+    assert model.student.decoder.class_heads[0].weight.grad is not None
