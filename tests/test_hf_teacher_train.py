@@ -15,7 +15,7 @@ from conftest import (
     assert_resume_equals_uninterrupted,
     run_train_net,
 )
-from hf_models import save_tiny
+from hf_models import FAMILIES, save_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -149,3 +149,45 @@ def test_a_teacher_lacking_student_classes_distils_the_others(datasets_root, tmp
     assert all(torch.isfinite(losses[f"loss_kd_kd_detr_{t}"]) for t in ("cls", "l1", "giou"))
     sum(losses.values()).backward()
     assert model.student.decoder.class_heads[0].weight.grad is not None
+
+
+def _batch(cfg_file, opts):
+    import copy
+
+    from conftest import build_cfg
+    from detectron2.data import DatasetMapper, get_detection_dataset_dicts
+
+    cfg = build_cfg(cfg_file, opts)
+    mapper = DatasetMapper(cfg, True)
+    return [mapper(copy.deepcopy(d)) for d in get_detection_dataset_dicts(cfg.DATASETS.TRAIN)[:2]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_teaches_both_distillers_a_step(family, datasets_root, tmp_path, one_thread):
+    """One KD-DETR step (general points, and the teacher's own queries as specific points with
+    its own content) and one DETR -> Faster R-CNN step per family: finite terms, gradients."""
+    import torch
+    from conftest import build_cfg
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    save_tiny(family, tmp_path / "t", _classes(), size=64)
+    teacher = f"hf://{tmp_path / 't'}"
+    kd = [*_kd_detr_opts(teacher, tmp_path / "a"), "KD.KD_DETR.SPECIFIC_TEACHER_CONTENT", "learned"]
+    hetero = [
+        *TINY_RCNN_OPTS,
+        "KD.TEACHER.CONFIG_FILE", teacher,
+        "KD.HETERO.RCNN_STUDENT.NUM_RANDOM_POINTS", "3",
+        "OUTPUT_DIR", str(tmp_path / "b"),
+    ]  # fmt: skip
+    for config, opts, prefix in (
+        ("configs/kd_shapes/detr_kd_detr_hf.yaml", kd, "loss_kd_kd_detr_"),
+        ("configs/kd_shapes/hetero_hf_detr_to_faster_rcnn.yaml", hetero, "loss_kd_hetero_"),
+    ):
+        model = build_model(build_cfg(config, opts)).train()
+        with EventStorage(0):
+            losses = model(_batch(config, opts))
+        terms = [losses[prefix + t] for t in ("cls", "l1", "giou")]
+        assert all(torch.isfinite(t) for t in terms) and float(sum(terms)) > 0, (config, losses)
+        sum(losses.values()).backward()
+        assert all(p.grad is None for p in model.teacher.parameters())
