@@ -26,6 +26,13 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.structures import BoxMode
+
+import kd  # noqa: F401  (registers the datasets under $DETECTRON2_DATASETS)
+from kd.compat import build_coco_evaluator
+from kd.families.hf_detr import HFDETRTeacher
 
 logger = logging.getLogger("train_hf_teacher")
 
@@ -77,9 +84,6 @@ def build_model(classes, size: str):
 
 def load_sample(record: dict, image_size: int, flip: bool):
     """(3, S, S) RGB in [0, 1] and the target dict transformers' loss takes."""
-    from detectron2.data.detection_utils import read_image
-    from detectron2.structures import BoxMode
-
     image = torch.from_numpy(np.ascontiguousarray(read_image(record["file_name"], "RGB")))
     image = image.permute(2, 0, 1).float()
     h, w = image.shape[-2:]
@@ -104,8 +108,6 @@ def load_sample(record: dict, image_size: int, flip: bool):
 
 
 def train(args) -> str:
-    import kd  # noqa: F401  (registers the datasets under $DETECTRON2_DATASETS)
-    from detectron2.data import DatasetCatalog, MetadataCatalog
     from transformers import RTDetrImageProcessor
 
     torch.manual_seed(args.seed)
@@ -166,12 +168,6 @@ def train(args) -> str:
 @torch.no_grad()
 def evaluate(folder: str, dataset: str, device: str) -> dict:
     """COCO box AP of the saved teacher on ``<dataset>_val``, through the project's adapter."""
-    from detectron2.data import DatasetCatalog
-    from detectron2.data.detection_utils import read_image
-
-    from kd.compat import build_coco_evaluator
-    from kd.families.hf_detr import HFDETRTeacher
-
     name = f"{dataset}_val"
     teacher = HFDETRTeacher.from_source(folder).to(torch.device(device)).eval()
     evaluator = build_coco_evaluator(name)
