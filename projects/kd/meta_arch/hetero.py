@@ -359,10 +359,11 @@ class DETRToRCNNDistiller(_HeteroDistiller):
             valid = valid[:, : valid.shape[1] - (0 if random is None else random.shape[1])]
             b, m = valid.shape
             logits = scores.new_zeros(b, m, scores.shape[-1])
-            logits[valid] = scores
+            at = valid.nonzero(as_tuple=True)  # once for both scatters
+            logits[at] = scores
             decoded = rcnn_decoded_boxes(self.student, deltas, torch.cat(boxes))
             absolute = decoded.new_zeros(b, m, *decoded.shape[1:])
-            absolute[valid] = decoded
+            absolute[at] = decoded
             r = decoded.shape[1]
             # normalize_boxes clips the corners to the image already.
             normed = normalize_boxes(absolute.view(b, m * r, 4), sizes).view(b, m, r, 4)
@@ -411,10 +412,12 @@ class DETRToRCNNDistiller(_HeteroDistiller):
             t_top = cmap.student_class(
                 cmap.teacher_columns(teacher.foreground_probs()[-1]).argmax(dim=-1)
             )
-        t_boxes = teacher.class_boxes()[-1][valid]
-        s_boxes = student.class_boxes(t_top)[-1][valid]
-        s_logits = student.logits[-1][valid]
-        t_logits = teacher.logits[-1][valid]
+        # The mask made an index once: each boolean-mask gather would wait for the GPU.
+        at = valid.nonzero(as_tuple=True)
+        t_boxes = teacher.class_boxes()[-1][at]
+        s_boxes = student.class_boxes(t_top)[-1][at]
+        s_logits = student.logits[-1][at]
+        t_logits = teacher.logits[-1][at]
         if cmap is not None:
             # Only the classes both have (kd.class_map); the student's background stays last.
             t_logits = cmap.teacher_columns(t_logits)
