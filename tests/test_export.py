@@ -287,3 +287,18 @@ def test_config_options_after_check_images_are_options(tools, images):
     )
     assert args.check == [str(images)]
     assert args.opts == ["MODEL.MOBILENET.IMAGENET_WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "120"]
+
+
+def test_check_that_compared_nothing_fails(tools, images, tmp_path, one_thread):
+    """An untrained RetinaNet detects nothing at its 0.05 threshold: --check must not pass."""
+    opts = [
+        o
+        for o in STUDENTS["kd_shapes/retinanet"]
+        if o not in ("MODEL.RETINANET.SCORE_THRESH_TEST", "0.0")
+    ]
+    config, weights = _save_model(
+        tmp_path / "model", "configs/kd_shapes/retinanet_student.yaml", opts
+    )
+    argv = ["--config-file", config, "--weights", weights, "--output", str(tmp_path / "export")]
+    with pytest.raises(SystemExit, match="compared nothing"):
+        tools["export_student"].main([*argv, "--format", "onnx", "--check", str(images)])

@@ -34,8 +34,8 @@ each image and compares their detections: the same number, each paired with one 
 whose box and score are equal within ``--atol`` (absolute, in pixels and score units; default
 1e-3); pairs, not positions, since detections whose scores tie to float rounding may come out in
 either order, or either be kept at the ``DETECTIONS_PER_IMAGE`` cut (:func:`compare`). It prints
-the largest differences and ends with exit status 1 when an image differs. The result is written
-into ``DIR/export.json``.
+the largest differences and ends with exit status 1 when an image differs, or when nothing was
+compared (no detections). The result is written into ``DIR/export.json``.
 
 A student built on what ``kd`` registers (FCOS, the DETR family, the MobileNetV2 backbones) is
 plain ONNX / TorchScript: running the files needs neither detectron2 nor ``kd``.
@@ -325,6 +325,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     failed = [n for n, w in record.get("check", {}).get("runtimes", {}).items() if w["failed"]]
     if failed:
         raise SystemExit(f"export_student.py: error: {', '.join(failed)} differ from PyTorch")
+    if record.get("check", {}).get("detections", 1) == 0:
+        raise SystemExit(
+            "export_student.py: error: --check compared nothing: the model detected nothing on "
+            "these images (an untrained model? lower its test score threshold, e.g. "
+            "MODEL.RETINANET.SCORE_THRESH_TEST 0)"
+        )
 
 
 if __name__ == "__main__":
