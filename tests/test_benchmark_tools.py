@@ -227,6 +227,12 @@ def test_periodic_evaluations_make_the_curve(tmp_path):
     with open(tmp_path / "metrics.json", "w") as f:
         f.write("".join(json.dumps(x) + "\n" for x in lines) + '{"iteration": 23')
     assert ap_curve(str(tmp_path)) == [[60, 2.71], [120, 11.5]]
+    # The evaluation after the last step is logged at MAX_ITER (600), the last periodic at 539.
+    lines += [{"iteration": 539, "bbox/AP": 46.95}, {"iteration": 600, "bbox/AP": 47.04}]
+    with open(tmp_path / "metrics.json", "w") as f:
+        f.write("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 600\n")
+    assert ap_curve(str(tmp_path))[-2:] == [[540, 46.95], [600, 47.04]]
     bt = load_script("tools/benchmark_table.py")
     args = plan_args(bt, tmp_path / "long", suite="bccd_long")
     run = next(r for r in bt.plan(args) if r["kind"] == "baseline")

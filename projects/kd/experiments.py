@@ -12,7 +12,9 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
+
+import yaml
 
 from kd.teacher_eval import CACHE_FILE
 
@@ -99,7 +101,7 @@ def read_results(out_dir: str) -> Dict[str, float]:
     the first step, on the student's input (``teacher_AP``, from ``teacher_eval.json``) and at
     its own test size where that differs (``teacher_own_AP``), and
     for a run evaluated periodically its ``curve``: ``[[iteration, AP], ...]`` from
-    ``metrics.json`` (iterations counted from 1, as detectron2's EvalHook logs them)."""
+    ``metrics.json`` (the iteration an evaluation followed, counted from 1)."""
     with open(os.path.join(out_dir, "eval_results.json")) as f:
         bbox = json.load(f)["bbox"]
     results = {
@@ -129,6 +131,9 @@ def ap_curve(out_dir: str) -> List[List[float]]:
     path = os.path.join(out_dir, "metrics.json")
     if not os.path.isfile(path):
         return []
+    # The evaluation after the last step is logged at MAX_ITER itself (detectron2's trainer
+    # counts one past the loop when it has finished), the periodic ones one before their count.
+    last = _max_iter(out_dir)
     by_iter: Dict[int, float] = {}
     with open(path) as f:
         for line in f:
@@ -138,8 +143,18 @@ def ap_curve(out_dir: str) -> List[List[float]]:
                 continue
             ap = entry.get("bbox/AP")
             if ap is not None and math.isfinite(float(ap)):
-                by_iter[int(entry["iteration"]) + 1] = round(float(ap), 2)
+                it = int(entry["iteration"])
+                by_iter[it if it == last else it + 1] = round(float(ap), 2)
     return [[i, by_iter[i]] for i in sorted(by_iter)]
+
+
+def _max_iter(out_dir: str) -> Optional[int]:
+    """``SOLVER.MAX_ITER`` of the run's ``config.yaml`` (train_net.py writes it), if readable."""
+    try:
+        with open(os.path.join(out_dir, "config.yaml")) as f:
+            return int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
 
 
 def _shorten(line: str) -> str:
