@@ -322,6 +322,8 @@ def test_run_lock_sees_a_reused_pid_as_stale(tmp_path):
 def test_runs_of_a_locked_teacher_are_skipped(tmp_path, monkeypatch, capsys):
     """A second benchmark process: the teacher another live process trains is skipped, and so
     is the distilled student that needs its weights; the baseline trains."""
+    import kd.benchmark.train as bench_train
+
     bt = load_script("tools/benchmark_table.py")
     args = plan_args(bt, str(tmp_path))
     runs = bt.plan(args)
@@ -337,7 +339,7 @@ def test_runs_of_a_locked_teacher_are_skipped(tmp_path, monkeypatch, capsys):
         trained.append(out)
         return {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}
 
-    monkeypatch.setattr(bt, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(bench_train, "train_and_evaluate", fake_train)
     record = tmp_path / "runs.json"
     bt.train_runs(runs, runs, "configs/kd_shapes", str(tmp_path), str(record))
     assert trained == [str(tmp_path / "fcos" / "seed1" / "baseline")]
