@@ -17,6 +17,7 @@ from conftest import (
     REPO,
     TINY_RCNN_OPTS,
     build_cfg,
+    load_script,
     run_train_net,
     save_untrained_teacher,
 )
@@ -369,3 +370,41 @@ def test_mixed_precision_student_step_on_cpu(datasets_root, tmp_path, one_thread
         model, [], torch.optim.SGD(model.parameters(), lr=0.1), dtype=torch.float16, device="cpu"
     )
     assert step.grad_scaler.is_enabled() and fp16.SOLVER.AMP.DTYPE == "float16"
+
+
+# ----------------------------------------------------------------------------- pooling
+def test_sync_free_pooling_equals_roi_pooler_bit_for_bit(monkeypatch):
+    """kd.roi_align.pool_levels (the distillers' pooling on a GPU) gives detectron2's ROIPooler's
+    values and gradients exactly, without a host-device sync; ROIPooler syncs once per level and
+    once more."""
+    from detectron2.modeling.poolers import ROIPooler
+    from detectron2.structures import Boxes
+
+    import kd.roi_align
+    from kd.roi_align import pool_levels
+
+    counter = load_script("tools/count_syncs.py").SyncCounter
+    g = torch.Generator().manual_seed(0)
+    pooler = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2")
+    sizes = ((64, 64), (32, 32), (16, 16), (8, 8))
+    features = [torch.randn(2, 8, h, w, generator=g, requires_grad=True) for h, w in sizes]
+    # Boxes of 6 to 200 px: every level gets some.
+    xy = torch.rand(2, 12, 2, generator=g) * 50
+    wh = torch.logspace(0.8, 2.3, 12)[None, :, None].expand(2, -1, 2)
+    boxes = [Boxes(torch.cat([xy[i], xy[i] + wh[i]], dim=1)) for i in range(2)]
+    upstream = torch.randn(24, 8, 7, 7, generator=g)
+
+    def run(fn):
+        with counter() as c:
+            out = fn(pooler, features, boxes)
+        grads = torch.autograd.grad((out * upstream).sum(), features)
+        return out, grads, sum(c.sites.values())
+
+    monkeypatch.setattr(kd.roi_align, "SYNC_FREE_POOLING", "always")
+    out, grads, syncs = run(pool_levels)
+    ref, ref_grads, ref_syncs = run(lambda p, f, b: p(f, b))
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert syncs == 0 and ref_syncs == 5
+    # On the CPU by default: ROIPooler itself (cheaper where nothing waits).
+    monkeypatch.setattr(kd.roi_align, "SYNC_FREE_POOLING", "cuda")
+    assert run(pool_levels)[2] == 5

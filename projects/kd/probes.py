@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from kd.families.hf_detr import HFDETRTeacher, HFEncoded
 from kd.modeling.detr import DETR, DETREncoded, QueryGroup, denormalize_boxes, normalize_boxes
 from kd.modeling.detr.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from kd.roi_align import pool_levels
 
 __all__ = [
     "ProbeAnswer",
@@ -195,7 +196,7 @@ def rcnn_box_predictions(
         all images in order.
     """
     roi = model.roi_heads
-    pooled = roi.box_pooler([features[f] for f in roi.box_in_features], boxes)
+    pooled = pool_levels(roi.box_pooler, [features[f] for f in roi.box_in_features], boxes)
     return roi.box_predictor(roi.box_head(pooled))
 
 

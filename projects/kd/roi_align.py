@@ -11,15 +11,28 @@ forward, and so every value computed from it, is torchvision's own; the gradient
 torchvision's up to the order of float additions (``tests/test_gid_assignment.py``).
 """
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from detectron2.layers import ROIAlign
+from detectron2.modeling.poolers import assign_boxes_to_levels
+from detectron2.structures import Boxes
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torchvision.ops import roi_align
 
-__all__ = ["ROIAlignFastGrad", "roi_align_input_grad", "with_fast_roi_align_grad"]
+__all__ = [
+    "ROIAlignFastGrad",
+    "roi_align_input_grad",
+    "with_fast_roi_align_grad",
+    "pool_levels",
+    "SYNC_FREE_POOLING",
+]
+
+# When pool_levels pools without host-device synchronisations: "cuda" (GPU tensors only: on the
+# CPU nothing waits, and detectron2's per-level selection does less work), "always"
+# (tools/count_syncs.py, to count on the CPU what a GPU runs) or "never".
+SYNC_FREE_POOLING = "cuda"
 
 
 def _axis_taps(
@@ -172,3 +185,43 @@ def with_fast_roi_align_grad(level_poolers: nn.ModuleList) -> nn.ModuleList:
         )
         for p in level_poolers
     )
+
+
+def pool_levels(
+    pooler: nn.Module, features: List[torch.Tensor], boxes: List[Boxes]
+) -> torch.Tensor:
+    """``pooler(features, boxes)`` for a detectron2 ``ROIPooler``, without host-device syncs on a
+    GPU (:data:`SYNC_FREE_POOLING`).
+
+    ``ROIPooler`` finds each level's boxes with ``nonzero`` (the host waits for the GPU, once per
+    level) and numbers the boxes' images with a ``repeat_interleave`` of a device tensor (once
+    more). Here every level pools every box and each box keeps its own level's result: the same
+    values and gradients (a box's ROIAlign reads only its level; the others add zeros), for L
+    times the ROIAlign work, which on a GPU costs less than the waits at the few hundred boxes a
+    distiller pools (``tests/test_gpu_readiness.py`` checks them equal bit for bit on the CPU).
+
+    Args:
+        pooler: a ``ROIPooler`` (its ``level_poolers`` and level settings are used).
+        features: its input feature maps, one per level.
+        boxes: per image, the boxes to pool.
+    """
+    mode = SYNC_FREE_POOLING
+    if (
+        len(pooler.level_poolers) == 1
+        or not boxes
+        or mode == "never"
+        or (mode == "cuda" and not features[0].is_cuda)
+    ):
+        return pooler(features, boxes)
+    tensors = [b.tensor for b in boxes]
+    index = torch.cat([t.new_full((t.shape[0], 1), float(i)) for i, t in enumerate(tensors)])
+    rois = torch.cat([index, torch.cat(tensors)], dim=1)
+    levels = assign_boxes_to_levels(
+        boxes, pooler.min_level, pooler.max_level, pooler.canonical_box_size, pooler.canonical_level
+    )
+    out = None
+    for level, level_pooler in enumerate(pooler.level_poolers):
+        pooled = level_pooler(features[level], rois)
+        keep = (levels == level).view(-1, 1, 1, 1)
+        out = pooled if out is None else torch.where(keep, pooled, out)
+    return out

@@ -25,6 +25,7 @@ from kd.losses.chen2017 import (
     weighted_soft_cross_entropy,
 )
 from kd.meta_arch.base import Distiller, gt_instances_of
+from kd.roi_align import pool_levels
 
 __all__ = ["Chen2017Distiller", "Chen2017Steps", "HintAdapters", "RPNOutputs"]
 
@@ -378,7 +379,9 @@ class Chen2017Distiller(Distiller):
         with torch.no_grad():
             t_boxes = [Boxes(b.tensor * scale) for b in boxes]
             t_box_features = t_roi.box_head(
-                t_roi.box_pooler([t_features[f] for f in t_roi.box_in_features], t_boxes)
+                pool_levels(
+                    t_roi.box_pooler, [t_features[f] for f in t_roi.box_in_features], t_boxes
+                )
             )
             t_scores, t_deltas = t_roi.box_predictor(t_box_features)
         gt_classes = cat([p.gt_classes for p in proposals])

@@ -51,7 +51,7 @@ from kd.losses.gid import (
 from kd.losses.precision import float32_loss
 from kd.meta_arch.base import Distiller, gt_instances_of
 from kd.meta_arch.chen2017 import Chen2017Distiller, _flatten_rpn_outputs
-from kd.roi_align import with_fast_roi_align_grad
+from kd.roi_align import pool_levels, with_fast_roi_align_grad
 
 __all__ = [
     "GeneralInstanceDistillation",
@@ -377,9 +377,11 @@ class GeneralInstanceDistillation(nn.Module):
         losses: Dict[str, torch.Tensor] = {}
         if not self.needs_features:
             return losses
-        s_rois = self.pooler([student_features[f] for f in self.in_features], gi_boxes)
+        s_rois = pool_levels(self.pooler, [student_features[f] for f in self.in_features], gi_boxes)
         with torch.no_grad():
-            t_rois = self.pooler([teacher_features[f] for f in self.in_features], gi_boxes)
+            t_rois = pool_levels(
+                self.pooler, [teacher_features[f] for f in self.in_features], gi_boxes
+            )
         s_rois = self.adapt(s_rois, self.levels_of(gi_boxes))
         if self.feature_weight > 0:
             # Averaged over the instances of the batch (= per image when every image has K).
