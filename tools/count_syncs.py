@@ -174,14 +174,21 @@ class CudaSyncCounter:
 
 def count_config(path: str, args, tmpdir: str) -> Dict[str, object]:
     """The synchronisation counts of one distiller config."""
-    from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
-
     import kd.roi_align
 
     # The distillers' pooling takes its sync-free path on GPUs only (kd.roi_align.pool_levels):
     # counted on the CPU, it takes it too, so that the count is the GPU's.
-    kd.roi_align.SYNC_FREE_POOLING = "always"
+    previous, kd.roi_align.SYNC_FREE_POOLING = kd.roi_align.SYNC_FREE_POOLING, "always"
+    try:
+        return _count_config(path, args, tmpdir)
+    finally:
+        kd.roi_align.SYNC_FREE_POOLING = previous
+
+
+def _count_config(path: str, args, tmpdir: str) -> Dict[str, object]:
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
     bk = _benchmark_kd()
     cfg = bk.load_config(path, args.opts, args.device)
     bk.ensure_teacher_weights(cfg, tmpdir, bk.benchmark_teacher(cfg.KD.TEACHER.CONFIG_FILE))
