@@ -15,6 +15,17 @@ from kd.engine import ResumableTrainingSampler, TrainingStateHook
 from kd.teacher import TeacherError
 
 
+@pytest.fixture(autouse=True)
+def _rng_left_as_found():
+    """Leave the global RNG states as this module found them: a later module's unseeded fixture
+    (a teacher trained in-process) would otherwise train differently."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+
+
 def _as_rank(monkeypatch, rank: int, world: int, gathered=None) -> None:
     """Make kd.engine see itself as rank ``rank`` of ``world`` (all_gather answers
     ``gathered``)."""

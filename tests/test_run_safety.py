@@ -4,6 +4,7 @@ never answers, restrictive file modes, rotated JPEGs, and detectron2 used withou
 
 import argparse
 import os
+import random
 import resource
 import signal
 import socket
@@ -15,11 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, TINY_RCNN_OPTS, run_train_net
 from PIL import Image
 from torch import nn
 
 STUDENT_CONFIG = "configs/kd_shapes/faster_rcnn_student.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _rng_left_as_found():
+    """Leave the global RNG states as this module found them: a later module's unseeded fixture
+    (a teacher trained in-process) would otherwise train differently."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
 
 
 def _error_lines(proc: subprocess.CompletedProcess) -> list:
@@ -123,7 +136,6 @@ def test_resume_says_what_it_finds_and_files_keep_the_umask(datasets_root, tmp_p
 
 def test_batch_that_does_not_split_over_the_processes_is_refused_before_they_start():
     import train_net
-
     from kd.config import ConfigError
 
     args = argparse.Namespace(
