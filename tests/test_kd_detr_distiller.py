@@ -131,8 +131,8 @@ def test_teacher_encodes_first_with_the_results_of_the_student_first_order(
     teacher, tmp_path, batch
 ):
     """The KD step encodes with the teacher before the student's forward (less fresh memory a
-    step); its losses and gradients equal, bit for bit, the step in the order that makes the
-    teacher wait for the student's detection pass, written out here."""
+    step); its losses equal, bit for bit, and its gradients to float rounding, the step in the
+    order that makes the teacher wait for the student's detection pass, written out here."""
     from kd.modeling.detr import QueryGroup
 
     model = build(teacher, tmp_path)
@@ -170,8 +170,11 @@ def test_teacher_encodes_first_with_the_results_of_the_student_first_order(
     sum(expected[k] for k in sorted(expected)).backward()
     reached = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert sorted(reached) == sorted(grads) and len(grads) > 50
+    # Gradients to float rounding: oneDNN's convolution weight-gradient reduction may sum in
+    # another order from one call to the next (about one run in five differed in the backbone's
+    # stem conv, by a few ulps), whatever order the distiller runs in.
     for name, grad in reached.items():
-        assert torch.equal(grad, grads[name]), name
+        torch.testing.assert_close(grad, grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_learned_teacher_content_for_specific_points(teacher, tmp_path, batch):
