@@ -149,6 +149,10 @@ def forward_signals_to_children() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        # The workers now stop by themselves, the main one with a non-zero status; torch's
+        # launcher then ends the others, which are already on their way out, with a warning
+        # line each. Expected here: only its errors are shown.
+        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
         for child in children:
             try:
                 os.kill(child.pid, signum)
