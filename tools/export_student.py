@@ -38,7 +38,9 @@ the largest differences and ends with exit status 1 when an image differs, or wh
 compared (no detections). The result is written into ``DIR/export.json``.
 
 A student built on what ``kd`` registers (FCOS, the DETR family, the MobileNetV2 backbones) is
-plain ONNX / TorchScript: running the files needs neither detectron2 nor ``kd``.
+plain ONNX / TorchScript like any other: the ONNX file runs in ONNX Runtime alone, the TorchScript
+file in torch after ``import torchvision`` (its NMS and ROIAlign ops); neither needs detectron2 or
+``kd``.
 """
 
 import argparse
