@@ -275,6 +275,22 @@ def one_thread():
 
 
 @pytest.fixture
+def rng_left_as_found():
+    """Leave the global RNG states as the test found them: a later module's unseeded fixture
+    (a teacher trained in-process) would otherwise train differently."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+
+
+@pytest.fixture
 def event_storage():
     """detectron2's heads log statistics during training and need a storage to log to."""
     from detectron2.utils.events import EventStorage

@@ -2,7 +2,6 @@
 the run resumes from it exactly."""
 
 import os
-import random
 import re
 import signal
 import subprocess
@@ -11,7 +10,6 @@ import time
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_RCNN_OPTS
@@ -19,15 +17,7 @@ from conftest import REPO, TINY_RCNN_OPTS
 STUDENT_CONFIG = "configs/kd_shapes/faster_rcnn_student.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _rng_left_as_found():
-    """Leave the global RNG states as this module found them: a later module's unseeded fixture
-    (a teacher trained in-process) would otherwise train differently."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    yield
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
+pytestmark = pytest.mark.usefixtures("rng_left_as_found")
 
 
 class _Checkpointer:

@@ -14,16 +14,7 @@ from kd import engine
 from kd.engine import ResumableTrainingSampler, TrainingStateHook
 from kd.teacher import TeacherError
 
-
-@pytest.fixture(autouse=True)
-def _rng_left_as_found():
-    """Leave the global RNG states as this module found them: a later module's unseeded fixture
-    (a teacher trained in-process) would otherwise train differently."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    yield
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
+pytestmark = pytest.mark.usefixtures("rng_left_as_found")
 
 
 def _as_rank(monkeypatch, rank: int, world: int, gathered=None) -> None:

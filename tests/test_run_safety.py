@@ -4,7 +4,6 @@ never answers, restrictive file modes, rotated JPEGs, and detectron2 used withou
 
 import argparse
 import os
-import random
 import resource
 import signal
 import socket
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import REPO, TINY_RCNN_OPTS, run_train_net
 from PIL import Image
 from torch import nn
@@ -24,15 +22,7 @@ from torch import nn
 STUDENT_CONFIG = "configs/kd_shapes/faster_rcnn_student.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _rng_left_as_found():
-    """Leave the global RNG states as this module found them: a later module's unseeded fixture
-    (a teacher trained in-process) would otherwise train differently."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    yield
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
+pytestmark = pytest.mark.usefixtures("rng_left_as_found")
 
 
 def _error_lines(proc: subprocess.CompletedProcess) -> list:
