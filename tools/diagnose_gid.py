@@ -65,29 +65,18 @@ def diagnose(config_file: str, opts: Sequence[str], batches: int) -> Dict[str, D
     """
     from detectron2.data import MetadataCatalog
     from detectron2.structures import Boxes, pairwise_iou
-    from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
-    from kd.checkpoint import load_weights
-    from kd.config import load_config
-    from kd.data import validate_datasets
-    from kd.engine import Trainer
+    from kd.inspection import training_model
     from kd.meta_arch.gid import GIDFCOSDistiller, GIDRetinaNetDistiller
 
-    cfg = load_config(config_file, [*opts, "KD.TEACHER.EVALUATE", "False"])
-    cfg.freeze()
-    validate_datasets(list(cfg.DATASETS.TRAIN))
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
-    model = Trainer.build_model(cfg)
+    cfg, model, loader = training_model(config_file, opts)
     if not isinstance(model, (GIDRetinaNetDistiller, GIDFCOSDistiller)):
         raise ValueError(
             f"{config_file}: diagnose_gid needs a GID config of RetinaNet or FCOS "
             f"(MODEL.META_ARCHITECTURE GIDRetinaNetDistiller / GIDFCOSDistiller), got "
             f"{type(model).__name__}"
         )
-    # A distiller's checkpoint, or a plain student's (train_net.py's own loading).
-    load_weights(model, cfg.MODEL.WEIGHTS, complete=False)
-    model.train()
     student = model.student
 
     seen: Dict[str, object] = {}
@@ -121,7 +110,6 @@ def diagnose(config_file: str, opts: Sequence[str], batches: int) -> Dict[str, D
         sums.setdefault(cls, {})[key] = sums.get(cls, {}).get(key, 0.0) + value
         counts.setdefault(cls, {})[key] = counts.get(cls, {}).get(key, 0) + n
 
-    loader = iter(Trainer.build_train_loader(cfg))
     # Known once the loader has read the dataset (COCO files register their classes then).
     names = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes
     num_classes = len(names)
@@ -253,15 +241,13 @@ def format_report(figures: Dict[str, Dict[str, float]]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config_file")
-    parser.add_argument("--batches", type=int, default=8, help="training batches (default 8)")
+    """The command line: the config, ``--batches``, ``--json`` and ``KEY VALUE`` overrides in
+    any order."""
+    from kd.inspection import batches_parser, parse_batches_args
+
+    parser = batches_parser(__doc__.split("\n\n")[0], 8)
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
-    parser.add_argument("opts", nargs="*", help="KEY VALUE overrides")
-    args = parser.parse_intermixed_args(argv)
-    if args.batches < 1:
-        parser.error("--batches must be at least 1")
-    return args
+    return parse_batches_args(parser, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

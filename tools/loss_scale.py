@@ -40,29 +40,12 @@ def loss_values(config_file: str, opts: Sequence[str], batches: int) -> Dict[str
     Returns:
         ``{loss name: [value per batch]}``, in the order the model returns them.
     """
-    import tempfile
-
     import torch
-    from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
-    from kd.checkpoint import KDCheckpointer
-    from kd.config import load_config
-    from kd.data import validate_datasets
-    from kd.engine import Trainer
+    from kd.inspection import training_model
 
-    # The teacher's AP is not what this tool measures (and costs a pass over the test set).
-    cfg = load_config(config_file, [*opts, "KD.TEACHER.EVALUATE", "False"])
-    cfg.freeze()
-    validate_datasets(list(cfg.DATASETS.TRAIN))
-    # As detectron2's default_setup: the same SEED gives the same initial model and batches.
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
-    model = Trainer.build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        with tempfile.TemporaryDirectory() as tmp:
-            KDCheckpointer(model, save_dir=tmp).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-    model.train()
-    loader = iter(Trainer.build_train_loader(cfg))
+    _, model, loader = training_model(config_file, opts)
     values: Dict[str, List[float]] = {}
     with EventStorage(0), torch.no_grad():
         for _ in range(batches):
@@ -91,16 +74,9 @@ def format_report(values: Dict[str, List[float]]) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line: the config, ``--batches`` and ``KEY VALUE`` overrides in any order."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config_file")
-    parser.add_argument("--batches", type=int, default=3, help="training batches (default 3)")
-    parser.add_argument("opts", nargs="*", help="KEY VALUE overrides")
-    # Intermixed: `CONFIG --batches 3 KEY VALUE`, as the usage line writes it (a REMAINDER
-    # would take --batches for a key).
-    args = parser.parse_intermixed_args(argv)
-    if args.batches < 1:
-        parser.error("--batches must be at least 1")
-    return args
+    from kd.inspection import batches_parser, parse_batches_args
+
+    return parse_batches_args(batches_parser(__doc__.split("\n\n")[0], 3), argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
