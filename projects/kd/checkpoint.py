@@ -15,6 +15,7 @@ from detectron2.config import CfgNode, get_cfg
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kd.config import student_config
 from kd.weights import (
     KDCheckpointer,
     UnsafeWeightsError,
@@ -165,8 +166,6 @@ def export_student_config(cfg: CfgNode) -> CfgNode:
     Args:
         cfg: the KD config.
     """
-    from kd.meta_arch.base import student_config  # the distillers import this module
-
     scfg = student_config(cfg)
     scfg.defrost()
     scale = cfg.KD.STUDENT.INPUT_SCALE

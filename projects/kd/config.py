@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 
+from kd.modeling.detr.config import add_detr_config
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,8 +26,6 @@ def add_kd_config(cfg: CN) -> None:
     Args:
         cfg: a detectron2 config, modified in place. Calling it twice is harmless.
     """
-    from kd.modeling.detr.config import add_detr_config
-
     add_detr_config(cfg)
     _add_fcos_keys(cfg)
     _add_mobilenet_keys(cfg)
@@ -693,3 +693,19 @@ def _file_setting(config_file: str, key: str) -> Optional[str]:
             base = os.path.join(os.path.dirname(config_file), base)
         return _file_setting(base, key)
     return None
+
+
+def student_config(cfg: CN) -> CN:
+    """The plain detectron2 config of the student inside a KD config.
+
+    Args:
+        cfg: the KD config.
+
+    Returns:
+        A copy of ``cfg`` whose ``MODEL.META_ARCHITECTURE`` is the student's.
+    """
+    scfg = cfg.clone()
+    scfg.defrost()
+    scfg.MODEL.META_ARCHITECTURE = cfg.KD.STUDENT.META_ARCHITECTURE
+    scfg.freeze()
+    return scfg

@@ -28,6 +28,18 @@ import sys
 import traceback
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from kd import compat
+from kd.config import ConfigError
+from kd.device import gpu_identity, shared_gpus
+from kd.engine import TrainingDivergedError
+from kd.preemption import Preempted, forward_signals_to_children
+
 __all__ = [
     "LaunchError",
     "DistributedEnvironment",
@@ -369,8 +381,6 @@ def setup_logging(output_dir: Optional[str]) -> None:
     Args:
         output_dir: the run's ``OUTPUT_DIR`` (empty or None: console only).
     """
-    from detectron2.utils import comm
-    from detectron2.utils.logger import setup_logger
 
     setup_logger(output_dir or None, distributed_rank=comm.get_rank(), name="kd", abbrev_name="kd")
     for name in ("detectron2", "fvcore", "kd"):
@@ -405,7 +415,6 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def _is_lost_peer(e: BaseException) -> bool:
-    import torch.distributed as dist
 
     text = str(e)
     return isinstance(e, dist.DistError) or (
@@ -416,7 +425,6 @@ def _is_lost_peer(e: BaseException) -> bool:
 
 def _current_rank(default: Optional[int]) -> Optional[int]:
     try:
-        import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return dist.get_rank()
@@ -437,8 +445,6 @@ def report_failure(e: BaseException, rank: Optional[int] = None) -> int:
         e: the exception.
         rank: the process's rank where the process group is not (yet) up.
     """
-    from kd.config import ConfigError
-    from kd.engine import TrainingDivergedError
 
     # A diverged run's FloatingPointError was logged by the training loop; Ctrl-C and exits
     # have no traceback worth keeping.
@@ -496,7 +502,6 @@ def run_guarded(main_func: Callable[..., Any], main_args: Sequence[Any] = ()) ->
         main_func: the process's work.
         main_args: its positional arguments.
     """
-    from kd.preemption import Preempted
 
     try:
         main_func(*main_args)
@@ -517,7 +522,6 @@ def uses_cuda(cfg: Any) -> bool:
     """Whether a run of ``cfg`` puts its models on GPUs: CUDA is there and ``MODEL.DEVICE`` is a
     CUDA device (a config without one: whether CUDA is there). The process group's backend
     follows: NCCL for GPU models, gloo for CPU models, also on a machine with GPUs."""
-    import torch
 
     device = getattr(getattr(cfg, "MODEL", None), "DEVICE", None)
     return torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
@@ -527,9 +531,6 @@ def _refuse_shared_gpus(env: DistributedEnvironment) -> None:
     """Stop (LaunchError, in every rank) when two ranks of the run use the same GPU: NCCL would
     fail later with a cryptic error. Compares the GPUs' UUIDs over a gloo group, which needs no
     NCCL communicator."""
-    import torch.distributed as dist
-
-    from kd.device import gpu_identity, shared_gpus
 
     group = dist.new_group(backend="gloo")
     identities: list = [None] * env.world_size
@@ -554,11 +555,6 @@ def _run_in_environment(
 ) -> None:
     """Join the process group the launcher describes (NCCL with ``cuda``, else gloo), then run
     the boundary."""
-    import torch
-    import torch.distributed as dist
-    from detectron2.utils import comm
-
-    from kd import compat
 
     if env.world_size == 1:
         run_guarded(main_func, main_args)
@@ -602,7 +598,6 @@ def _run_in_environment(
 def _refuse_more_processes_than_gpus(args: Any, cuda: bool) -> None:
     """``--num-gpus N`` of GPU processes on a machine with fewer GPUs stops with one line, not
     detectron2's assertion or NCCL's error."""
-    import torch
 
     count = torch.cuda.device_count() if cuda else 0
     if cuda and args.num_gpus > count:
@@ -620,10 +615,6 @@ def _run_spawned(
 ) -> None:
     """detectron2's ``--num-gpus/--num-machines`` launch (GPU processes with ``cuda``, else CPU
     processes); each child reports its own failure."""
-    import torch.multiprocessing as mp
-
-    from kd import compat
-    from kd.preemption import forward_signals_to_children
 
     try:
         # A scheduler's SIGTERM/SIGUSR1 reaches this process: the workers save and stop.

@@ -35,8 +35,11 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from torch import nn
 
+from kd.checkpoint import WeightsError, load_weights
 from kd.class_map import INDEX, ClassMap, ClassMapError, build_class_map
+from kd.config import load_config, python_tag_message
 from kd.device import fork_rng, parse_dtype, set_precision
+from kd.weights import fetch
 
 __all__ = [
     "TeacherError",
@@ -197,8 +200,6 @@ def _load_lazy_config(path: str, overrides: Sequence[str]):
         # LazyConfig.load reads YAML with yaml.unsafe_load: refuse what only that would read.
         import yaml
 
-        from kd.config import python_tag_message
-
         try:
             with open(path) as f:
                 yaml.safe_load(f)
@@ -236,8 +237,6 @@ def _load_lazy_config(path: str, overrides: Sequence[str]):
 
 
 def _load_config(cfg: CfgNode) -> "tuple[str, Any]":
-    from kd.config import load_config
-
     path = resolve_config_file(cfg.KD.TEACHER.CONFIG_FILE)
     if is_lazy_config(path):
         return path, _load_lazy_config(path, cfg.KD.TEACHER.OPTS)
@@ -454,9 +453,6 @@ def check_class_agreement(
 
 
 def _load_verified(model: nn.Module, path: str, what: str) -> None:
-    from kd.checkpoint import WeightsError, load_weights
-    from kd.weights import fetch
-
     if not path:
         raise TeacherError(
             f"KD.TEACHER.WEIGHTS is empty: a {what} without trained weights would distil noise. "

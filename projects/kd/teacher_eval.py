@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kd.device import fork_rng
 from kd.families.hf_detr import is_hf_source, weights_file
+from kd.meta_arch.base import Distiller
 from kd.teacher import TeacherError, load_teacher_config
 from kd.weights import atomic_write, file_sha256
 
@@ -160,8 +161,6 @@ class TeacherEvalHook(HookBase):
         Raises:
             TeacherError: the teacher's AP is below ``KD.TEACHER.MIN_AP``.
         """
-        from kd.meta_arch.base import Distiller
-
         cfg = trainer.cfg
         model = trainer.model
         if isinstance(model, DistributedDataParallel):

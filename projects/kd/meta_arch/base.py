@@ -11,26 +11,11 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from kd.config import student_config
 from kd.schedule import KDLossSchedule, current_iteration
 from kd.teacher import TeacherInfo, build_teacher
 
 __all__ = ["Distiller", "student_config"]
-
-
-def student_config(cfg: CfgNode) -> CfgNode:
-    """The plain detectron2 config of the student inside a KD config.
-
-    Args:
-        cfg: the KD config.
-
-    Returns:
-        A copy of ``cfg`` whose ``MODEL.META_ARCHITECTURE`` is the student's.
-    """
-    scfg = cfg.clone()
-    scfg.defrost()
-    scfg.MODEL.META_ARCHITECTURE = cfg.KD.STUDENT.META_ARCHITECTURE
-    scfg.freeze()
-    return scfg
 
 
 class Distiller(nn.Module):

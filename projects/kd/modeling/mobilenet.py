@@ -45,6 +45,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from torch import Tensor, nn
 
+from kd.weights import load_checkpoint_file
+
 __all__ = [
     "IMAGENET_PIXEL_MEAN",
     "IMAGENET_PIXEL_STD",
@@ -150,8 +152,6 @@ def _load_torchvision_mobilenet_v2(imagenet_weights: str) -> nn.Module:
 
     model = mobilenet_v2(weights=None)
     if imagenet_weights:
-        from kd.weights import load_checkpoint_file
-
         path = verify_imagenet_weights(imagenet_weights)
         model.load_state_dict(load_checkpoint_file(path)["model"])
     return model
