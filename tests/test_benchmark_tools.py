@@ -643,6 +643,9 @@ def test_iterations_to_the_baseline_and_teacher_plateau():
     assert table[0].endswith("iterations to the baseline's AP |")
     assert table[3].endswith("| 200 (1/2 seeds) |")
     assert "iterations to" not in bt.markdown_table(rows[:1])
+    # The baseline against itself (curves recorded for it too) gets no figure.
+    rows[0]["summary"] = bt.summarize(method, method)
+    assert bt.markdown_table(rows).splitlines()[2].endswith("| 2 |  |")
     runs = [dict(kind="teacher", family="fcos", config="fcos_teacher.yaml", out="t")]
     flat = bt.teacher_curve_table(runs, {"t": {"AP": 50.3, "curve": [[500, 49.0], [1000, 50.3]]}})
     assert "| 50.30 | no |" in flat

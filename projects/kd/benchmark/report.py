@@ -112,11 +112,13 @@ def markdown_table(rows: List[dict]) -> str:
         s = r["summary"]
         seeds = s["AP"]["n"] if s else 0
         seen = f"{s['teacher_AP']['mean']:.2f}" if "teacher_AP" in s else ""
+        # The baseline against itself reaches its own AP at its last evaluation: no figure.
+        iters = s.get("iters_to_baseline") if r["student"] != "baseline" else None
         lines.append(
             f"| {r['family']} | {r['student']} | {r['teacher_AP']} | {seen} | "
             f"{_fmt(s.get('AP'))} | {_fmt(s.get('AP50'))} | {_fmt(s.get('AP75'))} | "
             f"{_fmt(s.get('gain_AP'), signed=True) if r['student'] != 'baseline' else ''} | "
-            f"{seeds} |" + (f" {_fmt_iters(s.get('iters_to_baseline'))} |" if curves else "")
+            f"{seeds} |" + (f" {_fmt_iters(iters)} |" if curves else "")
         )
     return "\n".join(lines)
 
