@@ -43,7 +43,7 @@ def train_runs(
                 )
         except RunLocked as e:
             print(
-                f"[kd] {name}: skipped, being trained by process {e.args[0]} ({r['out']}); "
+                f"[kd] {name}: skipped, being trained by {e.holder} ({r['out']}); "
                 "run again when it has finished"
             )
             unavailable.add(os.path.join(r["out"], "model_final.pth"))
