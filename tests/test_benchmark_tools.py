@@ -152,19 +152,20 @@ def test_plan_longer_baseline_row(tmp_path):
 
 
 def test_bccd_long_suite_plan(tmp_path):
-    """bccd_long: bccd's configs on the long schedules (students 600 / 900 iterations, teachers
-    3000), a 2x-schedule baseline instead of the 3x one, without bccd's settled variants, and
-    recorded under its own name."""
+    """bccd_long: bccd's configs on the long schedules (students 1200 / 900 iterations, teachers
+    3000), a 2x-schedule baseline instead of the 3x one (and Faster R-CNN's half schedule),
+    without bccd's settled variants, and recorded under its own name."""
     bt = load_script("tools/benchmark_table.py")
     args = plan_args(bt, str(tmp_path), suite="bccd_long", families=["faster_rcnn", "fcos"])
     runs = bt.plan(args)
     by_title = {(r["family"], r["title"]): r for r in runs}
     assert by_title[("faster_rcnn", "teacher")]["iters"] == 3000
     assert by_title[("fcos", "teacher")]["iters"] == 3000
-    assert by_title[("faster_rcnn", "baseline")]["iters"] == 600
+    assert by_title[("faster_rcnn", "baseline")]["iters"] == 1200
+    assert by_title[("faster_rcnn", "baseline, half schedule")]["iters"] == 600
     assert by_title[("fcos", "baseline")]["iters"] == 900
     assert by_title[("fcos", "GID")]["iters"] == 900
-    assert by_title[("faster_rcnn", "baseline, 2x schedule")]["iters"] == 1200
+    assert by_title[("faster_rcnn", "baseline, 2x schedule")]["iters"] == 2400
     assert by_title[("fcos", "baseline, 2x schedule")]["opts"] == ["SEED", "1"]
     titles = {t for _, t in by_title}
     assert not any("3x" in t or "equal map size" in t or "own assignment" in t for t in titles)

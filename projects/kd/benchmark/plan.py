@@ -100,7 +100,7 @@ def plan(args) -> List[dict]:
                         seed=seed,
                         config=m.config,
                         out=os.path.join(args.output, fam.name, f"seed{seed}", m.slug),
-                        iters=iters(fam, False) * m.schedule,
+                        iters=int(round(iters(fam, False) * m.schedule)),
                         opts=["SEED", str(seed), *teacher_opts, *m.opts],
                     )
                 )
