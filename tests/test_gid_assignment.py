@@ -30,12 +30,9 @@ def _pair(family: str, *extra: str):
     """A GID distiller built from parts (no checkpoint): tiny student (FPN 32), teacher (FPN 64)."""
     from detectron2.modeling import build_model
 
-    from kd.meta_arch.gid import (
-        GeneralInstanceDistillation,
-        GIDFasterRCNNDistiller,
-        GIDFCOSDistiller,
-        GIDRetinaNetDistiller,
-    )
+    from kd.meta_arch.gid import GeneralInstanceDistillation
+    from kd.meta_arch.gid_dense import GIDFCOSDistiller, GIDRetinaNetDistiller
+    from kd.meta_arch.gid_rcnn import GIDFasterRCNNDistiller
     from kd.teacher import freeze
 
     torch.manual_seed(0)
@@ -315,8 +312,8 @@ def test_selection_among_the_best_candidates_equals_selection_among_all(
     before), to the bit, with ties in the scores and boxes lying outside the image."""
     from detectron2.modeling.box_regression import Box2BoxTransform
 
+    from kd.families.dense import decode_at
     from kd.losses.gid import select_general_instances_batched
-    from kd.meta_arch.gid import _decode
 
     gid = _pair("retinanet", *GID_56).gid
     gen = torch.Generator().manual_seed(3)
@@ -360,8 +357,8 @@ def test_selection_among_the_best_candidates_equals_selection_among_all(
     lazy = gid.select(
         t_probs,
         s_probs,
-        lambda index: _decode(transform, t_deltas, anchors, index),
-        lambda index: _decode(transform, s_deltas, anchors, index),
+        lambda index: decode_at(transform, t_deltas, anchors, index),
+        lambda index: decode_at(transform, s_deltas, anchors, index),
         sizes,
     )
     eager = gid.select(t_probs, s_probs, decode_all(t_deltas), decode_all(s_deltas), sizes)
@@ -382,7 +379,7 @@ def test_selection_among_the_best_candidates_equals_selection_among_all(
 def test_different_dense_layouts_are_refused():
     from detectron2.modeling import build_model
 
-    from kd.meta_arch.gid import GIDRetinaNetDistiller
+    from kd.meta_arch.gid_dense import GIDRetinaNetDistiller
     from kd.teacher import freeze
 
     distiller = _pair("retinanet", *GID_56)
@@ -416,7 +413,7 @@ def test_batched_matcher_equals_detectron2_matcher_per_image(thresholds, low_qua
     from detectron2.modeling.matcher import Matcher
     from detectron2.structures import Boxes, pairwise_iou
 
-    from kd.meta_arch.gid import matcher_foreground
+    from kd.families.dense import matcher_foreground
 
     g = torch.Generator().manual_seed(0)
 

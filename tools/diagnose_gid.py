@@ -68,7 +68,7 @@ def diagnose(config_file: str, opts: Sequence[str], batches: int) -> Dict[str, D
     from detectron2.utils.events import EventStorage
 
     from kd.inspection import training_model
-    from kd.meta_arch.gid import GIDFCOSDistiller, GIDRetinaNetDistiller
+    from kd.meta_arch.gid_dense import GIDFCOSDistiller, GIDRetinaNetDistiller
 
     cfg, model, loader = training_model(config_file, opts)
     if not isinstance(model, (GIDRetinaNetDistiller, GIDFCOSDistiller)):

@@ -31,9 +31,9 @@ from detectron2.structures import Boxes
 from torch import Tensor, nn
 
 from kd.families.hf_detr import HFDETRTeacher, HFEncoded
+from kd.families.rcnn import rcnn_box_predictions, rcnn_decoded_boxes
 from kd.modeling.detr import DETR, DETREncoded, QueryGroup, denormalize_boxes, normalize_boxes
 from kd.modeling.detr.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from kd.roi_align import pool_levels
 
 __all__ = [
     "ProbeAnswer",
@@ -43,8 +43,6 @@ __all__ = [
     "clip_points",
     "random_points",
     "pad_points",
-    "rcnn_box_predictions",
-    "rcnn_decoded_boxes",
     "probe_rcnn",
     "probe_detr",
 ]
@@ -179,42 +177,6 @@ def _check_rcnn(model: nn.Module) -> None:
             f"probe_rcnn needs an R-CNN with a box head (GeneralizedRCNN with StandardROIHeads); "
             f"got {type(model).__name__}"
         )
-
-
-def rcnn_box_predictions(
-    model: nn.Module, features: Dict[str, Tensor], boxes: List[Boxes]
-) -> Tuple[Tensor, Tensor]:
-    """The R-CNN box head at absolute boxes, as ``StandardROIHeads._forward_box`` runs it.
-
-    Args:
-        model: a GeneralizedRCNN with StandardROIHeads.
-        features: its backbone outputs.
-        boxes: per image, xyxy boxes in pixels of the model's input image.
-
-    Returns:
-        (scores, deltas): (N, K + 1) class logits and (N, R * 4) box deltas, N = all boxes of
-        all images in order.
-    """
-    roi = model.roi_heads
-    pooled = pool_levels(roi.box_pooler, [features[f] for f in roi.box_in_features], boxes)
-    return roi.box_predictor(roi.box_head(pooled))
-
-
-def rcnn_decoded_boxes(model: nn.Module, deltas: Tensor, boxes: Tensor) -> Tensor:
-    """Decode box deltas with the model's own transform (its ``BBOX_REG_WEIGHTS``).
-
-    Args:
-        model: the R-CNN the deltas come from.
-        deltas: (N, R * 4).
-        boxes: (N, 4) the absolute xyxy boxes the deltas refine.
-
-    Returns:
-        (N, R, 4) absolute xyxy boxes, not clipped.
-    """
-    transform = model.roi_heads.box_predictor.box2box_transform
-    decoded = transform.apply_deltas(deltas, boxes)
-    # unflatten, not view(N, -1, 4): with no boxes the -1 would be ambiguous.
-    return decoded.unflatten(1, (-1, 4))
 
 
 def _to_points(boxes_xyxy: Tensor, image_sizes: List[Tuple[int, int]]) -> Tensor:

@@ -288,9 +288,10 @@ BCCD_LONG_VARIANTS = [
 
 BCCD_LONG_METHODS += BCCD_LONG_VARIANTS
 # Convergence rows. The Faster R-CNN student alone gained 9.4 AP from 600 to 1200 iterations and
-# none from 1200 to 2400 (2026-12-07, seed 1): its schedule moved to 1200, the 600-iteration runs are its
-# half-schedule row. A 4x row for the one-stage families says whether their 2x is converged (the
-# DETRs' would be 12000 iterations: not yet); each family's schedule moves to the first that is.
+# none from 1200 to 2400 (2026-12-07, seed 1): its schedule moved to 1200, the 600-iteration runs
+# are its half-schedule row. A 4x row for the one-stage families says whether their 2x is
+# converged (the DETRs' would be 12000 iterations: not yet); each family's schedule moves to the
+# first that is.
 BCCD_LONG_METHODS += [
     Method("baseline, half schedule", "faster_rcnn", "faster_rcnn_student.yaml", schedule=0.5)
 ]

@@ -2,10 +2,7 @@
 
 from kd.meta_arch.base import Distiller, student_config  # noqa: F401
 from kd.meta_arch.chen2017 import Chen2017Distiller  # noqa: F401
-from kd.meta_arch.gid import (  # noqa: F401
-    GIDFasterRCNNDistiller,
-    GIDFCOSDistiller,
-    GIDRetinaNetDistiller,
-)
+from kd.meta_arch.gid_dense import GIDFCOSDistiller, GIDRetinaNetDistiller  # noqa: F401
+from kd.meta_arch.gid_rcnn import GIDFasterRCNNDistiller  # noqa: F401
 from kd.meta_arch.hetero import DETRToRCNNDistiller, RCNNToDETRDistiller  # noqa: F401
 from kd.meta_arch.kd_detr import KDDETRDistiller  # noqa: F401

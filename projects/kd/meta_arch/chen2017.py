@@ -14,10 +14,18 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
+from kd.families.boxes import deltas_in_student_space
+from kd.families.dense import dense_layout_problems
+from kd.families.rcnn import (
+    RPNStep,
+    check_faster_rcnn,
+    roi_step,
+    rpn_head_outputs,
+    rpn_step,
+)
 from kd.losses.chen2017 import (
     hint_loss,
     objectness_soft_cross_entropy,
@@ -27,30 +35,23 @@ from kd.losses.chen2017 import (
 from kd.meta_arch.base import Distiller, gt_instances_of
 from kd.roi_align import pool_levels
 
-__all__ = ["Chen2017Distiller", "Chen2017Steps", "HintAdapters", "RPNOutputs"]
+__all__ = ["Chen2017Distiller", "Chen2017Steps", "HintAdapters"]
 
 PREFIX = "loss_kd_chen2017_"
 
 
-class RPNOutputs(NamedTuple):
-    """The RPN's dense outputs in one training step, flattened per level as the RPN's own losses
-    take them (a subclass reads them to add its own anchor-wise terms)."""
-
-    anchors: List[Boxes]  # per level, shared by student and teacher
-    logits: List[torch.Tensor]  # student, per level (N, Hi*Wi*A)
-    deltas: List[torch.Tensor]  # student, per level (N, Hi*Wi*A, B)
-    t_logits: Optional[List[torch.Tensor]] = None  # teacher, when its RPN head was run
-    t_deltas: Optional[List[torch.Tensor]] = None
-
-
 class Chen2017Steps(NamedTuple):
-    """Intermediate results of :meth:`Chen2017Distiller._forward_steps`."""
+    """Intermediate results of :meth:`Chen2017Distiller._forward_steps` (a subclass reads them to
+    add its own terms)."""
 
     images: ImageList  # the student's
     gt_instances: Optional[List[Instances]]
     features: Dict[str, torch.Tensor]  # the student's backbone outputs
     t_features: Dict[str, torch.Tensor]  # the teacher's (no graph)
-    rpn: RPNOutputs
+    rpn: RPNStep  # the student's RPN step
+    # The teacher's RPN head at the same anchors, per level (no graph), when it was run.
+    t_rpn_logits: Optional[List[torch.Tensor]] = None
+    t_rpn_deltas: Optional[List[torch.Tensor]] = None
 
 
 class HintAdapters(nn.Module):
@@ -189,14 +190,7 @@ class Chen2017Distiller(Distiller):
     def _check_compatible(self, hint_pairs: Dict[str, str]) -> None:
         s, t = self.student, self.teacher
         for who, m in (("student", s), ("teacher", t)):
-            if not isinstance(getattr(m, "roi_heads", None), StandardROIHeads) or isinstance(
-                m.roi_heads, CascadeROIHeads
-            ):
-                raise ValueError(
-                    f"Chen2017Distiller needs Faster R-CNN models (GeneralizedRCNN with "
-                    f"StandardROIHeads); the {who} is {type(m).__name__} with "
-                    f"{type(getattr(m, 'roi_heads', None)).__name__}"
-                )
+            check_faster_rcnn(m, who, "Chen2017Distiller")
         if self.rpn_soft_cls or self.rpn_bounded_reg:
             if self.student_input_scale != 1.0:
                 raise ValueError(
@@ -204,26 +198,8 @@ class Chen2017Distiller(Distiller):
                     "by anchor, which needs both at the same input size: set them to False when "
                     "KD.STUDENT.INPUT_SCALE != 1"
                 )
-            sa, ta = s.proposal_generator.anchor_generator, t.proposal_generator.anchor_generator
-            # Anchor i must be the same box for both: the same cells on the same grids, and the
-            # grids as large (each model pads its batch to its backbone's size divisibility).
-            layout = {
-                "MODEL.ANCHOR_GENERATOR (SIZES / ASPECT_RATIOS) and the RPN's feature strides": (
-                    sa.strides == ta.strides
-                    and sa.num_cell_anchors == ta.num_cell_anchors
-                    and all(torch.equal(a, b) for a, b in zip(sa.cell_anchors, ta.cell_anchors))
-                    and len(s.proposal_generator.in_features)
-                    == len(t.proposal_generator.in_features)
-                ),
-                f"MODEL.ANCHOR_GENERATOR.OFFSET (student {sa.offset}, teacher {ta.offset})": (
-                    sa.offset == ta.offset
-                ),
-                "the backbones' size divisibility (student "
-                f"{s.backbone.size_divisibility}, teacher {t.backbone.size_divisibility})": (
-                    s.backbone.size_divisibility == t.backbone.size_divisibility
-                ),
-            }
-            differ = [what for what, same in layout.items() if not same]
+            # Anchor i must be the same box for both: the same cells on the same grids.
+            differ = dense_layout_problems(s, t, lambda m: m.proposal_generator.anchor_generator)
             if differ:
                 raise ValueError(
                     "KD.CHEN2017.RPN_SOFT_CLS / RPN_BOUNDED_REG compare teacher and student anchor "
@@ -272,58 +248,38 @@ class Chen2017Distiller(Distiller):
         need_rpn = self.rpn_soft_cls or self.rpn_bounded_reg
         need_rcn = self.rcn_soft_cls or self.rcn_bounded_reg
 
-        losses: Dict[str, torch.Tensor] = {}
-        proposals, rpn_losses, rpn_outputs = self._rpn(
-            images, features, gt_instances, t_features, need_rpn, teacher_rpn=teacher_rpn
-        )
-        losses.update(rpn_losses)
-        losses.update(self._rcn(features, proposals, gt_instances, t_features, need_rcn))
+        step = rpn_step(student, images, features, gt_instances)
+        losses = dict(step.losses)
+        t_logits = t_deltas = None
+        if need_rpn or teacher_rpn:
+            with torch.no_grad():
+                t_logits, t_deltas = rpn_head_outputs(self.teacher, t_features)
+        if need_rpn:
+            losses.update(self._rpn(step, t_logits, t_deltas))
+        losses.update(self._rcn(features, step.proposals, gt_instances, t_features, need_rcn))
         if self.hint_pairs:
             losses[PREFIX + "hint"] = self.hint_weight * self._hint(features, t_features)
-        steps = Chen2017Steps(images, gt_instances, features, t_features, rpn_outputs)
+        steps = Chen2017Steps(images, gt_instances, features, t_features, step, t_logits, t_deltas)
         return losses, steps
 
     def _rpn(
-        self,
-        images: ImageList,
-        features,
-        gt_instances: List[Instances],
-        t_features,
-        distill: bool,
-        teacher_rpn: bool = False,
-    ):
-        rpn = self.student.proposal_generator
-        feats = [features[f] for f in rpn.in_features]
-        anchors = rpn.anchor_generator(feats)
-        logits, deltas = _flatten_rpn_outputs(rpn, *rpn.rpn_head(feats))
-        gt_labels, gt_boxes = rpn.label_and_sample_anchors(anchors, gt_instances)
-        losses = rpn.losses(anchors, logits, gt_labels, deltas, gt_boxes)
-        with torch.no_grad():
-            proposals = rpn.predict_proposals(anchors, logits, deltas, images.image_sizes)
-        outputs = RPNOutputs(anchors, logits, deltas)
-        if not (distill or teacher_rpn):
-            return proposals, losses, outputs
-
-        t_rpn = self.teacher.proposal_generator
-        with torch.no_grad():
-            t_logits, t_deltas = _flatten_rpn_outputs(
-                t_rpn, *t_rpn.rpn_head([t_features[f] for f in t_rpn.in_features])
-            )
-        outputs = RPNOutputs(anchors, logits, deltas, t_logits, t_deltas)
-        if not distill:
-            return proposals, losses, outputs
-        gt_labels = torch.stack(gt_labels)  # (N, A) 1 = object, 0 = background, -1 = ignored
+        self, step: RPNStep, t_logits: List[torch.Tensor], t_deltas: List[torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
+        """The RPN terms at the student's sampled anchors; the hard objectness term reweighted."""
+        rpn, t_rpn = self.student.proposal_generator, self.teacher.proposal_generator
+        losses = {}
+        gt_labels = torch.stack(step.gt_labels)  # (N, A) 1 = object, 0 = background, -1 = ignored
         normalizer = rpn.batch_size_per_image * gt_labels.shape[0]  # M, as in the RPN's own loss
         if self.rpn_soft_cls:
             # Boolean masks made index tensors once: each masked gather would wait for the GPU.
             sampled = (gt_labels >= 0).nonzero(as_tuple=True)
             soft = objectness_soft_cross_entropy(
-                cat(logits, dim=1)[sampled],
+                cat(step.logits, dim=1)[sampled],
                 cat(t_logits, dim=1)[sampled],
                 background_weight=self.background_weight,
                 temperature=self.temperature,
             )
-            losses["loss_rpn_cls"] = losses["loss_rpn_cls"] * self.hard_weight
+            losses["loss_rpn_cls"] = step.losses["loss_rpn_cls"] * self.hard_weight
             losses[PREFIX + "rpn_soft_cls"] = (
                 (1 - self.hard_weight)
                 * rpn.loss_weight.get("loss_rpn_cls", 1.0)
@@ -332,17 +288,19 @@ class Chen2017Distiller(Distiller):
             )
         if self.rpn_bounded_reg:
             positive = (gt_labels == 1).nonzero(as_tuple=True)  # (images, anchors)
-            anchor_boxes = type(anchors[0]).cat(anchors).tensor
+            anchor_boxes = type(step.anchors[0]).cat(step.anchors).tensor
             pos_anchors = anchor_boxes[positive[1]]
-            targets = rpn.box2box_transform.get_deltas(pos_anchors, torch.stack(gt_boxes)[positive])
-            t_pos = _deltas_in_student_space(
+            targets = rpn.box2box_transform.get_deltas(
+                pos_anchors, torch.stack(step.gt_boxes)[positive]
+            )
+            t_pos = deltas_in_student_space(
                 cat(t_deltas, dim=1)[positive],
                 pos_anchors,
                 student=rpn.box2box_transform,
                 teacher=t_rpn.box2box_transform,
             )
             bound = teacher_bounded_regression(
-                cat(deltas, dim=1)[positive], t_pos, targets, margin=self.bound_margin
+                cat(step.deltas, dim=1)[positive], t_pos, targets, margin=self.bound_margin
             )
             losses[PREFIX + "rpn_bounded_reg"] = (
                 self.bound_weight
@@ -350,7 +308,7 @@ class Chen2017Distiller(Distiller):
                 * bound.sum()
                 / normalizer
             )
-        return proposals, losses, outputs
+        return losses
 
     def _rcn(
         self,
@@ -361,18 +319,12 @@ class Chen2017Distiller(Distiller):
         distill: bool,
     ) -> Dict[str, torch.Tensor]:
         roi = self.student.roi_heads
-        proposals = roi.label_and_sample_proposals(proposals, gt_instances)
-        boxes = [p.proposal_boxes for p in proposals]
-        box_features = roi.box_head(
-            roi.box_pooler([features[f] for f in roi.box_in_features], boxes)
+        proposals, scores, deltas, losses = roi_step(
+            self.student, features, proposals, gt_instances
         )
-        scores, deltas = roi.box_predictor(box_features)
-        losses = roi.box_predictor.losses((scores, deltas), proposals)
-        losses.update(roi._forward_mask(features, proposals))
-        losses.update(roi._forward_keypoint(features, proposals))
         if not distill:
             return losses
-
+        boxes = [p.proposal_boxes for p in proposals]
         # The teacher's box head at the student's sampled proposals, mapped to its input size.
         t_roi = self.teacher.roi_heads
         scale = 1.0 / self.student_input_scale
@@ -410,7 +362,7 @@ class Chen2017Distiller(Distiller):
             )[fg]
             targets = roi.box_predictor.box2box_transform.get_deltas(proposal_boxes, gt_boxes)
             s_fg = _class_deltas(deltas[fg], gt_classes[fg])
-            t_fg = _deltas_in_student_space(
+            t_fg = deltas_in_student_space(
                 _class_deltas(t_deltas[fg], gt_classes[fg]),
                 proposal_boxes,
                 student=roi.box_predictor.box2box_transform,
@@ -432,37 +384,6 @@ class Chen2017Distiller(Distiller):
             for name, t_name in self.hint_pairs.items()
         ]
         return torch.stack(terms).mean()  # mean over the hinted levels
-
-
-def _flatten_rpn_outputs(rpn, logits, deltas):
-    """The RPN head's outputs as (N, Hi*Wi*A) and (N, Hi*Wi*A, B), the RPN's own layout."""
-    logits = [score.permute(0, 2, 3, 1).flatten(1) for score in logits]
-    box_dim = rpn.anchor_generator.box_dim
-    deltas = [
-        x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1])
-        .permute(0, 3, 4, 1, 2)
-        .flatten(1, -2)
-        for x in deltas
-    ]
-    return logits, deltas
-
-
-def _deltas_in_student_space(
-    t_deltas: torch.Tensor, boxes: torch.Tensor, *, student, teacher
-) -> torch.Tensor:
-    """Teacher deltas as the student's box transform encodes the same refined boxes.
-
-    Deltas are only comparable under one encoding: with different ``BBOX_REG_WEIGHTS`` they are
-    decoded with the teacher's transform and re-encoded with the student's (its targets' encoding).
-
-    Args:
-        t_deltas: (N, 4) the teacher's deltas at ``boxes``.
-        boxes: (N, 4) the anchors / proposals they refine, absolute xyxy.
-        student, teacher: the two models' ``Box2BoxTransform``.
-    """
-    if tuple(student.weights) == tuple(teacher.weights) and type(student) is type(teacher):
-        return t_deltas
-    return student.get_deltas(boxes, teacher.apply_deltas(t_deltas, boxes))
 
 
 def _class_deltas(deltas: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

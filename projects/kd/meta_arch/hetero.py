@@ -34,12 +34,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
 from kd.class_map import ClassMap
 from kd.families.hf_detr import HFDETRTeacher
+from kd.families.rcnn import is_faster_rcnn, rcnn_decoded_boxes, roi_step, rpn_step
 from kd.losses.class_space import BACKGROUND_MODES, convert_class_logits
 from kd.losses.kd_detr import kd_detr_loss
 from kd.meta_arch.base import Distiller, gt_instances_of
@@ -54,8 +54,6 @@ from kd.probes import (
     probe_detr,
     probe_rcnn,
     random_points,
-    rcnn_box_predictions,
-    rcnn_decoded_boxes,
 )
 
 __all__ = ["DETRToRCNNDistiller", "RCNNToDETRDistiller"]
@@ -66,15 +64,10 @@ NORMALIZE_MODES = ("num_queries", "weight_sum")
 CLASS_TARGETS = ("full", "foreground")
 
 
-def _is_faster_rcnn(model: nn.Module) -> bool:
-    roi = getattr(model, "roi_heads", None)
-    return isinstance(roi, StandardROIHeads) and not isinstance(roi, CascadeROIHeads)
-
-
 def _family(model: nn.Module) -> str:
     if isinstance(model, (DETR, HFDETRTeacher)):
         return "DETR"
-    if _is_faster_rcnn(model):
+    if is_faster_rcnn(model):
         return "Faster R-CNN"
     return type(model).__name__
 
@@ -275,38 +268,35 @@ class DETRToRCNNDistiller(_HeteroDistiller):
         )
         return kwargs
 
-    def _student_sample(
+    def _student_rpn(
         self, s_inputs: List[dict]
-    ) -> Tuple[ImageList, Dict[str, Tensor], List[Instances], Dict[str, Tensor]]:
-        """The student's training step up to its box head: backbone, RPN, ROI sampling.
+    ) -> Tuple[
+        ImageList, Dict[str, Tensor], List[Instances], Optional[List[Instances]], Dict[str, Tensor]
+    ]:
+        """The student's training step up to its ROI heads: backbone and RPN.
 
         Args:
             s_inputs: the batch as the student sees it (:meth:`student_inputs`).
 
         Returns:
-            (images, features, sampled proposals, RPN losses).
+            (images, features, proposals, ground truth, RPN losses).
         """
         student = self.student
         images = student.preprocess_image(s_inputs)
         gt_instances = gt_instances_of(s_inputs, self.device)
         features = student.backbone(images.tensor)
-        proposals, losses = student.proposal_generator(images, features, gt_instances)
-        sampled = student.roi_heads.label_and_sample_proposals(proposals, gt_instances)
-        return images, features, sampled, losses
+        rpn = rpn_step(student, images, features, gt_instances)
+        return images, features, rpn.proposals, gt_instances, rpn.losses
 
     def forward_train(self, batched_inputs: List[dict]) -> Dict[str, Tensor]:
-        student = self.student
-        images, features, sampled, losses = self._student_sample(
+        images, features, proposals, gt_instances, losses = self._student_rpn(
             self.student_inputs(batched_inputs)
         )
-        roi = student.roi_heads
-        scores, deltas = rcnn_box_predictions(
-            student, features, [p.proposal_boxes for p in sampled]
+        roi = roi_step(self.student, features, proposals, gt_instances)
+        losses.update(roi.losses)
+        losses.update(
+            self._distill(batched_inputs, images, features, roi.proposals, roi.scores, roi.deltas)
         )
-        losses.update(roi.box_predictor.losses((scores, deltas), sampled))
-        losses.update(roi._forward_mask(features, sampled))
-        losses.update(roi._forward_keypoint(features, sampled))
-        losses.update(self._distill(batched_inputs, images, features, sampled, scores, deltas))
         return losses
 
     def _points(
@@ -453,7 +443,10 @@ class DETRToRCNNDistiller(_HeteroDistiller):
             answer at them, the student's answer at the random points or None).
         """
         with torch.no_grad():
-            images, features, sampled, _ = self._student_sample(self.student_inputs(batched_inputs))
+            images, features, proposals, gt_instances, _ = self._student_rpn(
+                self.student_inputs(batched_inputs)
+            )
+            sampled = self.student.roi_heads.label_and_sample_proposals(proposals, gt_instances)
             points, valid, random = self._points(sampled, images.image_sizes)
             encoded = self.teacher.encode(self.teacher_inputs(batched_inputs))
         for feature in features.values():  # for a timed backward of the random-point probe

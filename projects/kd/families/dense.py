@@ -1,0 +1,130 @@
+"""The dense per-location view of a detector: anchors (or points) shared by a batch, the
+predictions at each, and the label assignment that picks some of them.
+
+One-stage detectors (detectron2's :class:`DenseDetector`: RetinaNet, FCOS) are dense throughout;
+a Faster R-CNN's RPN is its dense part. Distillers that compare teacher and student prediction by
+prediction (GID's selection and response, Chen et al.'s RPN terms) need the two layouts to
+correspond one to one: :func:`dense_layout_problems` says where they do not.
+"""
+
+from typing import Callable, Dict, List, Sequence
+
+import torch
+from detectron2.layers import cat
+from detectron2.modeling.matcher import Matcher
+from detectron2.structures import Boxes
+from torch import nn
+
+__all__ = ["dense_layout_problems", "dense_outputs", "decode_at", "matcher_foreground"]
+
+
+def dense_layout_problems(
+    student: nn.Module, teacher: nn.Module, anchor_generator_of: Callable[[nn.Module], nn.Module]
+) -> List[str]:
+    """What keeps prediction i of the student from being prediction i of the teacher: anchors
+    on other strides or cells, another offset, other padding, other classes.
+
+    Args:
+        student, teacher: the two detectors.
+        anchor_generator_of: returns a model's anchor generator (a RetinaNet's own, a Faster
+            R-CNN's RPN's).
+
+    Returns:
+        One phrase per difference (empty when the layouts match).
+    """
+    sa, ta = anchor_generator_of(student), anchor_generator_of(teacher)
+    problems = []
+    if list(sa.strides) != list(ta.strides):
+        problems.append(
+            f"the anchors' strides (student {list(sa.strides)}, teacher " f"{list(ta.strides)})"
+        )
+    if list(sa.num_cell_anchors) != list(ta.num_cell_anchors) or not all(
+        torch.allclose(a.cpu(), b.cpu()) for a, b in zip(sa.cell_anchors, ta.cell_anchors)
+    ):
+        problems.append("the anchors per location (MODEL.ANCHOR_GENERATOR SIZES / ASPECT_RATIOS)")
+    if sa.offset != ta.offset:
+        problems.append(f"MODEL.ANCHOR_GENERATOR.OFFSET (student {sa.offset}, teacher {ta.offset})")
+    s_div, t_div = student.backbone.size_divisibility, teacher.backbone.size_divisibility
+    if s_div != t_div:
+        # Each model pads its batch to its backbone's size divisibility: other grids.
+        problems.append(f"the backbones' size divisibility (student {s_div}, teacher {t_div})")
+    s_cls, t_cls = getattr(student, "num_classes", None), getattr(teacher, "num_classes", None)
+    if s_cls != t_cls:
+        problems.append(f"the classes (student {s_cls}, teacher {t_cls})")
+    return problems
+
+
+def dense_outputs(
+    model: nn.Module, predictions, dims: Sequence[int], names: Sequence[str]
+) -> Dict[str, torch.Tensor]:
+    """A dense head's per-level outputs as (N, R, K) tensors, R = every level's predictions in
+    the anchor generator's order (the layout of the detector's own losses).
+
+    Args:
+        model: a detectron2 ``DenseDetector``.
+        predictions: its head's outputs (one list of per-level tensors per output).
+        dims: the last dimension of each output (classes, 4, ...).
+        names: a name for each output.
+    """
+    per_level = model._transpose_dense_predictions(predictions, list(dims))
+    return {name: cat(p, dim=1) for name, p in zip(names, per_level)}
+
+
+def decode_at(
+    transform, deltas: torch.Tensor, anchors: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """(N, T, 4) boxes: the (N, R, 4) deltas decoded on the (R, 4) anchors shared by the batch,
+    at the (N, T) predictions ``index`` only (decoding is row by row: the same values as decoding
+    all and picking them)."""
+    deltas = deltas.gather(1, index[..., None].expand(-1, -1, 4))
+    boxes = transform.apply_deltas(deltas.reshape(-1, 4), anchors[index].reshape(-1, 4))
+    return boxes.view_as(deltas)
+
+
+def matcher_foreground(matcher: Matcher, gi_boxes: List[Boxes], anchors: Boxes) -> torch.Tensor:
+    """(N, R) bool: the anchors ``matcher`` labels foreground (1) in each image, GI boxes as its
+    ground truth; detectron2's :class:`Matcher` (thresholds, labels, low-quality matches with ties)
+    for every image of the batch at once instead of one call per image.
+
+    Args:
+        matcher: the detector's own anchor matcher.
+        gi_boxes: N ``Boxes``, the GI boxes of each image (any number, also none).
+        anchors: the R anchors shared by the batch.
+    """
+    n, r = len(gi_boxes), len(anchors)
+    m = max((len(b) for b in gi_boxes), default=0)
+    a = anchors.tensor
+    if m == 0:  # no ground truth anywhere: every anchor gets the first label, as in Matcher
+        return torch.full((n, r), matcher.labels[0] == 1, dtype=torch.bool, device=a.device)
+    gt = a.new_zeros((n, m, 4))
+    valid = torch.zeros((n, m), dtype=torch.bool, device=a.device)
+    for i, b in enumerate(gi_boxes):
+        gt[i, : len(b)] = b.tensor
+        valid[i, : len(b)] = True
+    # detectron2's pairwise_iou, one GI box of every image at a time: (N, R) planes that stay in
+    # cache, instead of an (N, M, R) tensor whose every temporary is fresh memory (5x slower per
+    # operation on CPU). Its ``where(inter > 0, inter / union, 0)`` is left out: an anchor has an
+    # area, so union > 0 and inter / union is already exactly 0 where inter is.
+    ax1, ay1, ax2, ay2 = (c.contiguous() for c in a.unbind(dim=1))
+    area = anchors.area()
+    best = torch.full((n, r), float("-inf"), dtype=a.dtype, device=a.device)
+    low_quality = torch.zeros((n, r), dtype=torch.bool, device=a.device)
+    for j in range(m):
+        gx1, gy1, gx2, gy2 = (c[:, None] for c in gt[:, j].unbind(dim=-1))  # (N, 1) each
+        inter = torch.min(gx2, ax2).sub_(torch.max(gx1, ax1)).clamp_(min=0)
+        inter.mul_(torch.min(gy2, ay2).sub_(torch.max(gy1, ay1)).clamp_(min=0))
+        iou = inter.div_(((gx2 - gx1) * (gy2 - gy1) + area).sub_(inter))
+        # A padding row (an image with fewer boxes) takes part in nothing.
+        iou.masked_fill_(~valid[:, j, None], float("-inf"))
+        torch.max(best, iou, out=best)
+        if matcher.allow_low_quality_matches:
+            # Each GI box's best anchors, ties included, become foreground.
+            low_quality |= (iou == iou.max(dim=1, keepdim=True).values) & valid[:, j, None]
+    # An image without boxes keeps -inf: the lowest bin, as Matcher labels an empty ground truth.
+    labels = torch.ones((n, r), dtype=torch.int8, device=a.device)
+    # masked_fill_, not labels[mask] = ...: the same values without waiting for the GPU.
+    for label, low, high in zip(matcher.labels, matcher.thresholds[:-1], matcher.thresholds[1:]):
+        labels.masked_fill_((best >= low) & (best < high), label)
+    if matcher.allow_low_quality_matches:
+        labels.masked_fill_(low_quality, 1)
+    return labels == 1
