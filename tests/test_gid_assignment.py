@@ -313,7 +313,7 @@ def test_selection_among_the_best_candidates_equals_selection_among_all(
     from detectron2.modeling.box_regression import Box2BoxTransform
 
     from kd.families.dense import decode_at
-    from kd.losses.gid import select_general_instances_batched
+    from kd.points.gism import select_general_instances_batched
 
     gid = _pair("retinanet", *GID_56).gid
     gen = torch.Generator().manual_seed(3)

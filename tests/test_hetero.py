@@ -28,14 +28,9 @@ from kd.losses.class_space import (
     softmax_to_sigmoid_probs,
 )
 from kd.modeling.detr import QueryGroup, denormalize_boxes, normalize_boxes
-from kd.probes import (
-    ProbeAnswer,
-    clip_points,
-    pad_points,
-    probe_detr,
-    probe_rcnn,
-    random_points,
-)
+from kd.points.batch import clip_points, pad_points
+from kd.points.random import random_points
+from kd.probes import ProbeAnswer, probe_detr, probe_rcnn
 
 pytestmark = pytest.mark.usefixtures("one_thread", "event_storage")
 

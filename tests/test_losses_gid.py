@@ -11,6 +11,8 @@ from kd.losses.gid import (
     gi_relation_loss,
     gi_relation_losses,
     gi_response_loss,
+)
+from kd.points.gism import (
     gi_scores,
     greedy_nms_first_k,
     select_general_instances,

@@ -5,7 +5,7 @@ Asks the model about boxes whose truth is known, on the first N images of its te
 
 * foreground points: each ground-truth box jittered 4 times (corners moved by up to 15% of the
   box size, IoU ~0.75 with the box);
-* random points: 16 random boxes per image (``kd.probes.random_points``).
+* random points: 16 random boxes per image (``kd.points.random.random_points``).
 
 and prints, per probe variant (for a DETR every ``content`` x ``isolation`` choice), the top-class
 accuracy and the mean probability of the true class at foreground points, the mean IoU of the
@@ -30,14 +30,9 @@ import kd  # noqa: F401  (registers the models and the datasets)
 from kd.checkpoint import load_weights
 from kd.config import load_config
 from kd.modeling.detr import DETR, denormalize_boxes, normalize_boxes
-from kd.probes import (
-    DETR_CONTENTS,
-    DETR_ISOLATIONS,
-    pad_points,
-    probe_detr,
-    probe_rcnn,
-    random_points,
-)
+from kd.points.batch import pad_points
+from kd.points.random import random_points
+from kd.probes import DETR_CONTENTS, DETR_ISOLATIONS, probe_detr, probe_rcnn
 
 JITTERS, RANDOM = 4, 16
 

@@ -221,7 +221,7 @@ def _add_gid_keys(cfg: CN) -> None:
     _g.SCORE_THRESH = 0.0
     # Keep only this many best-scoring candidates per image before NMS [open]; 0 = all, as the
     # paper states it. Not needed for speed: the selection runs only the K steps of greedy NMS
-    # that decide the first K survivors (kd.losses.gid.greedy_nms_first_k), O(K x R) per image.
+    # that decide the first K survivors (kd.points.gism.greedy_nms_first_k), O(K x R) per image.
     _g.PRE_NMS_TOPK = 0
     # FCOS only: the dense score compared by GISM. "cls": sigmoid class probabilities [paper:
     # "class scores"]; "cls_ctr": sqrt(sigmoid(cls) * sigmoid(centerness)), FCOS's own detection

@@ -1,10 +1,9 @@
-"""Distillation points and per-family probes: "what are your class scores and boxes here?"
+"""Per-family probes: "what are your class scores and boxes here?", asked at distillation points.
 
-**Points** are boxes, ``(cx, cy, w, h)`` in ``[0, 1]`` of each image's own unpadded input size
-(the DETR family's convention, :mod:`kd.modeling.detr`): the same numbers name the same region for
-two models that see the image at different sizes or paddings (a low-resolution student, a teacher
-with another ``size_divisibility``), so points pass between families unchanged. A batch of points
-is a ``(B, M, 4)`` tensor, with a ``(B, M)`` validity mask where images have different counts.
+**Points** are boxes, ``(cx, cy, w, h)`` in ``[0, 1]`` of each image's own unpadded input size, a
+``(B, M, 4)`` batch with a ``(B, M)`` validity mask (:mod:`kd.points.batch`; the samplers are in
+:mod:`kd.points`): the same numbers name the same region for two models that see the image at
+different sizes or paddings, so points pass between families unchanged.
 
 **Probes** answer at points, batched over images and points (no per-box Python loops):
 
@@ -24,7 +23,7 @@ the two class spaces.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.structures import Boxes
@@ -33,23 +32,18 @@ from torch import Tensor, nn
 from kd.families.hf_detr import HFDETRTeacher, HFEncoded
 from kd.families.rcnn import rcnn_box_predictions, rcnn_decoded_boxes
 from kd.modeling.detr import DETR, DETREncoded, QueryGroup, denormalize_boxes, normalize_boxes
-from kd.modeling.detr.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from kd.points.batch import clip_points
 
 __all__ = [
     "ProbeAnswer",
     "DETR_CONTENTS",
     "DETR_ISOLATIONS",
-    "RANDOM_BOX_MODES",
-    "clip_points",
-    "random_points",
-    "pad_points",
     "probe_rcnn",
     "probe_detr",
 ]
 
 DETR_CONTENTS = ("zeros", "anchor")
 DETR_ISOLATIONS = ("point", "group")
-RANDOM_BOX_MODES = ("sigmoid_normal", "uniform")
 
 
 @dataclass
@@ -105,66 +99,6 @@ class ProbeAnswer:
             classes = self.foreground_probs()[-1].argmax(dim=-1)
         index = classes[None, :, :, None, None].expand(self.boxes.shape[0], -1, -1, 1, 4)
         return self.boxes.gather(-2, index)[..., 0, :]
-
-
-# ------------------------------------------------------------------------------------- points
-
-
-def clip_points(points: Tensor) -> Tensor:
-    """Clip normalised cxcywh boxes to the image (in xyxy, so a box keeps the part inside).
-
-    Both families then see the same region: ROIAlign would sample zeros outside the image where a
-    DETR's normalised anchor cannot go.
-    """
-    return box_xyxy_to_cxcywh(box_cxcywh_to_xyxy(points).clamp(0.0, 1.0))
-
-
-def random_points(
-    batch: int,
-    num: int,
-    *,
-    mode: str = "sigmoid_normal",
-    device: Optional[torch.device] = None,
-    generator: Optional[torch.Generator] = None,
-) -> Tensor:
-    """KD-DETR's general distillation points: random boxes, redrawn every call.
-
-    Args:
-        batch: B, images.
-        num: M, boxes per image.
-        mode: "sigmoid_normal": each of (cx, cy, w, h) the sigmoid of a standard normal
-            [KD-DETR code]; "uniform": each uniform in (0, 1) [KD-DETR paper].
-        device: where to create them.
-        generator: optional RNG (tests).
-
-    Returns:
-        (B, M, 4) cxcywh boxes in [0, 1], clipped to the image.
-    """
-    if mode not in RANDOM_BOX_MODES:
-        raise ValueError(f"random box mode must be one of {RANDOM_BOX_MODES}, got {mode!r}")
-    if mode == "sigmoid_normal":
-        boxes = torch.randn(batch, num, 4, generator=generator).sigmoid()
-    else:
-        boxes = torch.rand(batch, num, 4, generator=generator)
-    return clip_points(boxes.to(device))
-
-
-def pad_points(per_image: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Per-image point sets of different sizes as one padded batch.
-
-    Args:
-        per_image: B tensors (M_i, 4), normalised cxcywh.
-
-    Returns:
-        (points, valid): (B, M, 4) with M = max M_i, padded with the whole-image box (a valid
-        region for every model, so padding never produces NaNs), and (B, M) bool, True on real
-        points. ``points[valid]`` lists the real points image by image, in their order.
-    """
-    points = nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)
-    lengths = torch.tensor([len(p) for p in per_image], device=points.device)
-    valid = torch.arange(points.shape[1], device=points.device)[None] < lengths[:, None]
-    whole = points.new_tensor([0.5, 0.5, 1.0, 1.0])
-    return torch.where(valid[..., None], points, whole), valid
 
 
 # ------------------------------------------------------------------------------------- R-CNN

@@ -14,8 +14,6 @@ from .gid import (
     gi_relation_loss,
     gi_relation_losses,
     gi_response_loss,
-    gi_scores,
-    select_general_instances,
 )
 from .kd_detr import box_cxcywh_to_xyxy, kd_detr_loss, paired_giou_loss
 
@@ -24,8 +22,6 @@ __all__ = [
     "objectness_soft_cross_entropy",
     "teacher_bounded_regression",
     "hint_loss",
-    "gi_scores",
-    "select_general_instances",
     "gi_feature_loss",
     "gi_relation_loss",
     "gi_relation_losses",

@@ -41,10 +41,9 @@ from kd.losses.gid import (
     gi_relation_loss,
     gi_relation_losses,
     gi_response_loss,
-    gi_scores,
-    select_general_instances_batched,
 )
 from kd.losses.precision import float32_loss
+from kd.points.gism import gi_scores, select_general_instances_batched
 from kd.roi_align import pool_levels, with_fast_roi_align_grad
 
 __all__ = ["GeneralInstanceDistillation", "BoxesAt", "check_dense_layout", "log_counts"]
@@ -100,7 +99,7 @@ class GeneralInstanceDistillation(nn.Module):
             top_k: K, instances kept per image [paper: 10].
             nms_thresh: IoU threshold of the GI NMS [paper: 0.3].
             score_mode: "max_abs_diff" [paper] or "max_score_diff" [code], see
-                :func:`kd.losses.gid.gi_scores`.
+                :func:`kd.points.gism.gi_scores`.
             score_thresh: candidates below this GI score are dropped [open: 0].
             pre_nms_topk: best candidates kept before NMS, 0 = all [open].
             pooler_resolution: ROIAlign output size [code: 10].

@@ -44,16 +44,14 @@ from kd.losses.class_space import BACKGROUND_MODES, convert_class_logits
 from kd.losses.kd_detr import kd_detr_loss
 from kd.meta_arch.base import Distiller, gt_instances_of
 from kd.modeling.detr import DETR, DETREncoded, normalize_boxes
+from kd.points.batch import clip_points, pad_points
+from kd.points.random import RANDOM_BOX_MODES, random_points
 from kd.probes import (
     DETR_CONTENTS,
     DETR_ISOLATIONS,
-    RANDOM_BOX_MODES,
     ProbeAnswer,
-    clip_points,
-    pad_points,
     probe_detr,
     probe_rcnn,
-    random_points,
 )
 
 __all__ = ["DETRToRCNNDistiller", "RCNNToDETRDistiller"]

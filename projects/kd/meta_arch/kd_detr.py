@@ -43,55 +43,20 @@ from kd.families.hf_detr import HFDETRTeacher
 from kd.losses.kd_detr import kd_detr_loss
 from kd.meta_arch.base import Distiller
 from kd.modeling.detr import DETR, DecoderOutput, DETREncoded, QueryGroup, denormalize_boxes
+from kd.points.random import RANDOM_BOX_MODES, random_points
 
-__all__ = ["KDDETRDistiller", "sample_general_points", "GENERAL", "SPECIFIC"]
+__all__ = ["KDDETRDistiller", "GENERAL", "SPECIFIC"]
 
 PREFIX = "loss_kd_kd_detr_"
 TERMS = ("cls", "l1", "giou")
 # The point sets, in the order they are decoded.
 GENERAL, SPECIFIC = "general", "specific"
-DISTRIBUTIONS = ("uniform", "sigmoid_normal")
 TEACHER_CONTENTS = ("zeros", "learned")
 
 logger = logging.getLogger(__name__)
 
 # (points, teacher answers, student answers), each by set name: what a point decoding returns.
 PointDecoding = Tuple[Dict[str, Tensor], Dict[str, DecoderOutput], Dict[str, DecoderOutput]]
-
-
-def sample_general_points(
-    batch_size: int,
-    num_points: int,
-    distribution: str = "uniform",
-    *,
-    device: Optional[torch.device] = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Random boxes for general sampling.
-
-    Drawn on the CPU from the global torch RNG whatever the device, so that the points depend only
-    on the RNG state the trainer checkpoints (a resumed run draws the same points) and not on the
-    device.
-
-    Args:
-        batch_size: B.
-        num_points: M_g, boxes per image.
-        distribution: "uniform": every coordinate uniform in (0, 1) [paper]; "sigmoid_normal":
-            the sigmoid of a standard normal [code].
-        device, dtype: of the result.
-
-    Returns:
-        (B, M_g, 4) cxcywh boxes in (0, 1), relative to each image.
-    """
-    if distribution == "uniform":
-        boxes = torch.rand(batch_size, num_points, 4)
-    elif distribution == "sigmoid_normal":
-        boxes = torch.randn(batch_size, num_points, 4).sigmoid()
-    else:
-        raise ValueError(
-            f"KD.KD_DETR.GENERAL_DISTRIBUTION must be one of {DISTRIBUTIONS}, got {distribution!r}"
-        )
-    return boxes.to(device=device, dtype=dtype)
 
 
 @META_ARCH_REGISTRY.register()
@@ -126,7 +91,8 @@ class KDDETRDistiller(Distiller):
         """
         Args:
             num_general_points: M_g, random boxes per image and iteration; 0: no general points.
-            general_distribution: "uniform" or "sigmoid_normal" (:func:`sample_general_points`).
+            general_distribution: "uniform" or "sigmoid_normal"
+                (:func:`kd.points.random.random_points`).
             specific_points: distil at the teacher's own query anchors.
             specific_teacher_content: "zeros" or "learned": the content query the teacher decodes
                 its anchors with (the student always uses zeros).
@@ -157,9 +123,9 @@ class KDDETRDistiller(Distiller):
             raise ValueError(
                 f"KD.KD_DETR.NUM_GENERAL_POINTS must be >= 0, got {num_general_points}"
             )
-        if general_distribution not in DISTRIBUTIONS:
+        if general_distribution not in RANDOM_BOX_MODES:
             raise ValueError(
-                f"KD.KD_DETR.GENERAL_DISTRIBUTION must be one of {DISTRIBUTIONS}, got "
+                f"KD.KD_DETR.GENERAL_DISTRIBUTION must be one of {RANDOM_BOX_MODES}, got "
                 f"{general_distribution!r}"
             )
         if specific_teacher_content not in TEACHER_CONTENTS:
@@ -226,12 +192,15 @@ class KDDETRDistiller(Distiller):
         """
         points = {}
         if self.num_general_points > 0:
-            points[GENERAL] = sample_general_points(
+            # Not clipped, as in KD-DETR's code: a DETR decodes any anchor in [0, 1].
+            points[GENERAL] = random_points(
                 t_encoded.batch_size,
                 self.num_general_points,
-                self.general_distribution,
+                mode=self.general_distribution,
+                clip=False,
                 device=t_encoded.memory.device,
                 dtype=t_encoded.memory.dtype,
+                key="KD.KD_DETR.GENERAL_DISTRIBUTION",
             )
         if self.specific_points:
             # Learned anchors for DAB-style teachers, the selected encoder proposals for
@@ -276,7 +245,7 @@ class KDDETRDistiller(Distiller):
         Returns:
             Set name -> (B, M, 4) anchors.
         """
-        # Drawn outside inference_mode, from the global RNG (see sample_general_points).
+        # Drawn outside inference_mode, from the global RNG (see kd.points.random).
         return {k: v.clone() for k, v in self.sample_points(t_encoded).items()}
 
     def teacher_groups(
