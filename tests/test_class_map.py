@@ -120,7 +120,7 @@ def test_hetero_terms_compare_only_the_mapped_columns_by_hand():
     """DETR -> Faster R-CNN, "foreground" target: the student's softmax without background over
     the mapped classes against the teacher's mapped logits; the teacher's top mapped class picks
     the student's per-class box."""
-    from kd.meta_arch.hetero import DETRToRCNNDistiller
+    from kd.meta_arch.hetero_detr_to_rcnn import DETRToRCNNDistiller
     from kd.probes import ProbeAnswer
 
     cmap = build_class_map(["a", "b", "c"], ["b", "y", "a"])  # a <- 2, b <- 0, c missing

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from kd.losses.kd_detr import box_cxcywh_to_xyxy, kd_detr_loss, paired_giou_loss
+from kd.losses.kd_detr import kd_detr_loss, paired_giou_loss
+from kd.modeling.detr.box_ops import box_cxcywh_to_xyxy
 
 LOG2, LOG3 = math.log(2.0), math.log(3.0)
 

@@ -15,7 +15,7 @@ from .gid import (
     gi_relation_losses,
     gi_response_loss,
 )
-from .kd_detr import box_cxcywh_to_xyxy, kd_detr_loss, paired_giou_loss
+from .kd_detr import kd_detr_loss, paired_giou_loss
 
 __all__ = [
     "weighted_soft_cross_entropy",
@@ -26,7 +26,6 @@ __all__ = [
     "gi_relation_loss",
     "gi_relation_losses",
     "gi_response_loss",
-    "box_cxcywh_to_xyxy",
     "paired_giou_loss",
     "kd_detr_loss",
 ]

@@ -10,22 +10,12 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_convert
+
+from kd.modeling.detr.box_ops import box_cxcywh_to_xyxy
 
 from .precision import float32_loss
 
-__all__ = ["box_cxcywh_to_xyxy", "paired_giou_loss", "kd_detr_loss"]
-
-
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """
-    Args:
-        boxes: (..., 4) boxes as (cx, cy, w, h).
-
-    Returns:
-        (..., 4) the same boxes as (x0, y0, x1, y1).
-    """
-    return box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
+__all__ = ["paired_giou_loss", "kd_detr_loss"]
 
 
 @float32_loss
