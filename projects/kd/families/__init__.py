@@ -1,7 +1,15 @@
-"""Detector-family adapters: what a distiller needs of a family it does not implement itself.
+"""Detector families: what a distiller needs of a teacher or student family, one module each,
+registered in :data:`kd.families.registry.FAMILY_REGISTRY` (its ``__doc__`` states the interface).
 
-* :mod:`kd.families.hf_detr`: Hugging Face ``transformers`` DETR teachers (``hf://``), behind
-  the interface the DETR distillers use; importing it registers the ``hf://`` teacher source.
+* :mod:`kd.families.rcnn`: Faster R-CNN; its training step split where distillers look in
+  (``rpn_step``, ``roi_step``) and its box head asked at given boxes;
+* :mod:`kd.families.dense`: RetinaNet, FCOS; the dense per-location view (anchors, layout check,
+  label assignment) that GID and Chen et al.'s RPN terms compare prediction by prediction;
+* :mod:`kd.families.detr`: this project's DETR-style models;
+* :mod:`kd.families.hf_detr`: Hugging Face ``transformers`` DETR teachers (``hf://``, loaded by
+  :mod:`kd.families.hf_source`), behind the interface the DETR distillers use; importing it
+  registers the ``hf://`` teacher source;
+* :mod:`kd.families.boxes`: box encodings across two models (one model's deltas in another's).
 """
 
-from kd.families import hf_detr  # noqa: F401  (registers the hf:// teacher source)
+from kd.families import dense, detr, hf_detr, rcnn  # noqa: F401  (register the families)

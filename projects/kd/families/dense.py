@@ -12,10 +12,51 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from detectron2.layers import cat
 from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.meta_arch.fcos import FCOS
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes
 from torch import nn
 
-__all__ = ["dense_layout_problems", "dense_outputs", "decode_at", "matcher_foreground"]
+from kd.families.registry import FAMILY_REGISTRY
+
+__all__ = [
+    "RetinaNetFamily",
+    "FCOSFamily",
+    "dense_layout_problems",
+    "dense_outputs",
+    "decode_at",
+    "matcher_foreground",
+]
+
+
+@FAMILY_REGISTRY.register()
+class RetinaNetFamily:
+    """RetinaNet (detectron2's, any backbone)."""
+
+    name = "RetinaNet"
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        return isinstance(model, RetinaNet)
+
+    @staticmethod
+    def num_classes(model: nn.Module) -> int:
+        return model.num_classes
+
+
+@FAMILY_REGISTRY.register()
+class FCOSFamily:
+    """FCOS (detectron2's, any backbone)."""
+
+    name = "FCOS"
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        return isinstance(model, FCOS)
+
+    @staticmethod
+    def num_classes(model: nn.Module) -> int:
+        return model.num_classes
 
 
 def dense_layout_problems(

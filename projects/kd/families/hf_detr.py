@@ -48,7 +48,6 @@ folder overrides these defaults (``do_resize``, ``size``, ``do_rescale``, ``resc
 input, as the project's points are, so a point means the same region to the student and the teacher.
 """
 
-import json
 import logging
 import os
 from contextlib import contextmanager
@@ -60,10 +59,27 @@ import torch.nn.functional as F
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from kd.families.hf_source import (
+    DAB_STYLE,
+    DEFORMABLE_STYLE,
+    FAMILIES,
+    HF_PREFIX,
+    RT_STYLE,
+    HFTeacherError,
+    check_family,
+    input_processing,
+    is_hf_source,
+    load_hf_detector,
+    target_size,
+    weights_file,
+)
+from kd.families.registry import FAMILY_REGISTRY
+from kd.modeling.detr.box_ops import inverse_sigmoid
 from kd.modeling.detr.structures import DecoderOutput, QueryGroup
-from kd.teacher import TEACHER_SOURCES, TeacherError, TeacherInfo
+from kd.teacher import TEACHER_SOURCES, TeacherInfo
 
 __all__ = [
+    "HFDETRFamily",
     "HF_PREFIX",
     "FAMILIES",
     "HFEncoded",
@@ -76,40 +92,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-HF_PREFIX = "hf://"
-# model_type -> how its decoder takes box queries.
-_RT = "rt_detr"  # RT-DETR family: reference_points logits, encoder_attention_mask = self-attn mask
-_DAB = "dab"  # query_position_embeddings logits, mask through self_attn pre-hooks
-_DEFORMABLE = "deformable"  # box -> (position, content) via pos_trans, mask through pre-hooks
-FAMILIES = {
-    "rt_detr": _RT,
-    "rt_detr_v2": _RT,
-    "d_fine": _RT,
-    "dab-detr": _DAB,
-    "deformable_detr": _DEFORMABLE,  # two-stage only
-}
-SUPPORTED = "RT-DETR, RT-DETR v2, D-FINE, DAB-DETR and two-stage Deformable DETR"
-_REFUSED = {
-    "detr": "DETR",
-    "conditional_detr": "Conditional DETR",
-}
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class HFTeacherError(TeacherError):
-    """A Hugging Face teacher that cannot be used as configured; the message says how to fix it."""
-
-
-def is_hf_source(config_file: str) -> bool:
-    """Whether ``KD.TEACHER.CONFIG_FILE`` names a Hugging Face teacher."""
-    return config_file.startswith(HF_PREFIX)
-
-
-def _inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 class _Captured(Exception):
@@ -150,156 +132,6 @@ class HFEncoded:
         return replace(self, **changes)
 
 
-# ----------------------------------------------------------------------------- preprocessing
-@dataclass(frozen=True)
-class _Processing:
-    """The model's input conventions, from its processor config or the family's defaults."""
-
-    resize: bool
-    size: Dict[str, int]
-    rescale: float
-    normalize: bool
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
-    pad: bool
-
-
-def _processing(model_type: str, processor: Optional[dict]) -> _Processing:
-    rt = FAMILIES.get(model_type) == _RT
-    p = processor or {}
-    size = p.get("size") or (
-        {"height": 640, "width": 640} if rt else {"shortest_edge": 800, "longest_edge": 1333}
-    )
-    normalize = bool(p.get("do_normalize", not rt))
-    return _Processing(
-        resize=bool(p.get("do_resize", True)),
-        size=dict(size),
-        rescale=float(p.get("rescale_factor", 1 / 255)) if p.get("do_rescale", True) else 1.0,
-        normalize=normalize,
-        mean=tuple(p.get("image_mean") or _IMAGENET_MEAN),
-        std=tuple(p.get("image_std") or _IMAGENET_STD),
-        pad=bool(p.get("do_pad", not rt)),
-    )
-
-
-def _target_size(h: int, w: int, size: Dict[str, int]) -> Tuple[int, int]:
-    if "height" in size and "width" in size:
-        return int(size["height"]), int(size["width"])
-    if "shortest_edge" in size:
-        short, long_ = size["shortest_edge"], size.get("longest_edge")
-        scale = short / min(h, w)
-        if long_ is not None and max(h, w) * scale > long_:
-            scale = long_ / max(h, w)
-        return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-    if "max_height" in size and "max_width" in size:
-        scale = min(size["max_height"] / h, size["max_width"] / w)
-        return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-    raise HFTeacherError(f"the teacher's processor size {size} is not one this adapter reads")
-
-
-# ----------------------------------------------------------------------------- loading
-def _local_file(source: str, name: str) -> Optional[str]:
-    if os.path.isdir(source):
-        path = os.path.join(source, name)
-        return path if os.path.isfile(path) else None
-    try:
-        from transformers.utils import cached_file
-
-        return cached_file(source, name, _raise_exceptions_for_missing_entries=False)
-    except Exception:  # noqa: BLE001 (offline, no such file: the defaults apply)
-        return None
-
-
-def load_hf_detector(source: str) -> Tuple[nn.Module, Optional[dict]]:
-    """The detector and its processor config, from a ``save_pretrained`` folder or a hub id.
-
-    Built with ``AutoModelForObjectDetection.from_pretrained`` (never ``trust_remote_code``),
-    from safetensors where the folder has them; every weight of the architecture must load.
-
-    Args:
-        source: the folder or hub id (``KD.TEACHER.CONFIG_FILE`` without ``hf://``).
-
-    Raises:
-        HFTeacherError: no such model, a family that cannot take box queries, or weights that do
-            not match the architecture.
-    """
-    try:
-        from transformers import AutoConfig, AutoModelForObjectDetection
-        from transformers.utils import logging as hf_logging
-    except ImportError as e:
-        raise HFTeacherError(
-            f"KD.TEACHER.CONFIG_FILE '{HF_PREFIX}{source}' needs the transformers package "
-            f"({e}); make setup installs it"
-        ) from None
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 (missing folder, offline hub id, bad json)
-        hint = (
-            "the folder has no config.json"
-            if os.path.isdir(source)
-            else "no such folder, and the hub is unreachable or has no such model"
-        )
-        raise HFTeacherError(
-            f"KD.TEACHER.CONFIG_FILE '{HF_PREFIX}{source}' cannot be read ({hint}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); point it at a "
-            "folder written by save_pretrained"
-        ) from None
-    check_family(config, source)
-    hf_logging.disable_progress_bar()  # one bar per weight file in every training log otherwise
-    use_safetensors = True if _local_file(source, "model.safetensors") else None
-    try:
-        model, info = AutoModelForObjectDetection.from_pretrained(
-            source,
-            config=config,
-            trust_remote_code=False,
-            use_safetensors=use_safetensors,
-            output_loading_info=True,
-        )
-    except Exception as e:  # noqa: BLE001 (missing weights, shape mismatches, ...)
-        raise HFTeacherError(
-            f"KD.TEACHER.CONFIG_FILE '{HF_PREFIX}{source}': the weights cannot be loaded "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-    bad = {k: v for k, v in info.items() if k != "error_msgs" and v}
-    if bad or info.get("error_msgs"):
-        details = "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in bad.items())
-        raise HFTeacherError(
-            f"KD.TEACHER.CONFIG_FILE '{HF_PREFIX}{source}': the weights do not match the "
-            f"architecture ({details or info.get('error_msgs')}); a teacher whose weights did not "
-            "load would distil noise. Save the trained model with save_pretrained into that folder"
-        )
-    processor = None
-    path = _local_file(source, "preprocessor_config.json")
-    if path:
-        with open(path) as f:
-            processor = json.load(f)
-    return model, processor
-
-
-def check_family(config: Any, source: str = "") -> str:
-    """The adapter family of a ``transformers`` config; refuses the others in one line."""
-    model_type = getattr(config, "model_type", "")
-    name = _REFUSED.get(model_type)
-    if model_type == "deformable_detr" and not getattr(config, "two_stage", False):
-        name = "single-stage Deformable DETR"
-    if name is not None:
-        raise HFTeacherError(
-            f"{HF_PREFIX}{source}: {name} decodes learned positional queries that cannot express a "
-            f"box, so distillation points cannot be put to it; use {SUPPORTED}"
-        )
-    if model_type not in FAMILIES:
-        raise HFTeacherError(
-            f"{HF_PREFIX}{source}: model type '{model_type}' is not a DETR teacher this project "
-            f"can put box queries to; use {SUPPORTED}"
-        )
-    if model_type == "deformable_detr" and not getattr(config, "with_box_refine", False):
-        raise HFTeacherError(
-            f"{HF_PREFIX}{source}: two-stage Deformable DETR without with_box_refine has no "
-            "per-layer box heads to answer with; use one trained with with_box_refine=True"
-        )
-    return model_type
-
-
 # ----------------------------------------------------------------------------- the adapter
 class HFDETRTeacher(nn.Module):
     """A Hugging Face DETR-family detector behind the interface the DETR distillers use (see the
@@ -318,7 +150,7 @@ class HFDETRTeacher(nn.Module):
         self.family = FAMILIES[self.model_type]
         self.model = model
         self.source = source
-        self.processing = _processing(self.model_type, processor)
+        self.processing = input_processing(self.model_type, processor)
         self.register_buffer(
             "pixel_mean", torch.tensor(self.processing.mean).view(3, 1, 1), persistent=False
         )
@@ -380,7 +212,7 @@ class HFDETRTeacher(nn.Module):
         for x in batched_inputs:
             img = x["image"].to(self.device).float()
             if p.resize:
-                size = _target_size(img.shape[-2], img.shape[-1], p.size)
+                size = target_size(img.shape[-2], img.shape[-1], p.size)
                 if size != tuple(img.shape[-2:]):
                     img = F.interpolate(
                         img[None], size=size, mode="bilinear", align_corners=False, antialias=True
@@ -438,11 +270,11 @@ class HFDETRTeacher(nn.Module):
             kw.pop(k, None)
         content = kw.pop("inputs_embeds")
         logits = None
-        if self.family == _RT:
+        if self.family == RT_STYLE:
             kw.pop("encoder_attention_mask", None)
             logits = kw.pop("reference_points")
             anchors = logits.sigmoid()
-        elif self.family == _DAB:
+        elif self.family == DAB_STYLE:
             logits = kw.pop("query_position_embeddings")
             anchors = logits.sigmoid()
         else:
@@ -514,7 +346,7 @@ class HFDETRTeacher(nn.Module):
         return [out.select(slice(s, e)) for s, e in zip(starts[:-1], starts[1:])]
 
     def _default_content(self, anchors: Tensor) -> Tensor:
-        if self.family == _DEFORMABLE:
+        if self.family == DEFORMABLE_STYLE:
             return self._box_queries(anchors)[1]
         return anchors.new_zeros(*anchors.shape[:2], self.hidden_dim)
 
@@ -559,7 +391,7 @@ class HFDETRTeacher(nn.Module):
             mask = torch.zeros(blocked.shape, dtype=content.dtype, device=content.device)
             mask = mask.masked_fill(blocked, torch.finfo(content.dtype).min)[:, None]
         kw = encoded.decoder_kwargs
-        if self.family == _RT:
+        if self.family == RT_STYLE:
             out = self.model.model.decoder(
                 **kw,
                 inputs_embeds=content,
@@ -569,7 +401,7 @@ class HFDETRTeacher(nn.Module):
             logits = out.intermediate_logits.transpose(0, 1)
             boxes = out.intermediate_reference_points.transpose(0, 1)
             hidden = out.last_hidden_state
-        elif self.family == _DAB:
+        elif self.family == DAB_STYLE:
             with self._self_attention_mask(mask):
                 out = self.model.model.decoder(
                     **kw, inputs_embeds=content, query_position_embeddings=anchor_logits
@@ -616,7 +448,7 @@ class HFDETRTeacher(nn.Module):
         hidden = out.intermediate_hidden_states
         logits = m.class_embed(hidden)
         boxes = m.bbox_predictor(hidden)
-        boxes[..., :4] += _inverse_sigmoid(out.reference_points)
+        boxes[..., :4] += inverse_sigmoid(out.reference_points)
         return logits, boxes.sigmoid()
 
     def _deformable_heads(self, out, init_reference: Tensor) -> Tuple[Tensor, Tensor]:
@@ -629,7 +461,7 @@ class HFDETRTeacher(nn.Module):
             reference = init_reference if level == 0 else refs[:, level - 1]
             logits.append(m.class_embed[level](hidden[:, level]))
             boxes.append(
-                (m.bbox_embed[level](hidden[:, level]) + _inverse_sigmoid(reference)).sigmoid()
+                (m.bbox_embed[level](hidden[:, level]) + inverse_sigmoid(reference)).sigmoid()
             )
         return torch.stack(logits), torch.stack(boxes)
 
@@ -664,20 +496,10 @@ class HFDETRTeacher(nn.Module):
 
 def _logit(boxes: Tensor) -> Tensor:
     # The models' own inverse sigmoid (eps 1e-5); exact on boxes inside (0, 1).
-    return _inverse_sigmoid(boxes)
+    return inverse_sigmoid(boxes)
 
 
 # ----------------------------------------------------------------------------- the teacher source
-def weights_file(config_file: str) -> Optional[str]:
-    """The local weights file of an ``hf://`` teacher (for caches and checksums), or None."""
-    source = config_file[len(HF_PREFIX) :] if is_hf_source(config_file) else config_file
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        path = _local_file(source, name)
-        if path:
-            return path
-    return None
-
-
 def build_hf_teacher(cfg) -> Tuple[HFDETRTeacher, TeacherInfo]:
     """The teacher named by ``KD.TEACHER.CONFIG_FILE "hf://<folder or hub id>"``: loaded and
     verified from that folder, on ``MODEL.DEVICE``, not yet frozen (:func:`kd.teacher.
@@ -711,3 +533,18 @@ def build_hf_teacher(cfg) -> Tuple[HFDETRTeacher, TeacherInfo]:
 
 
 TEACHER_SOURCES[HF_PREFIX] = build_hf_teacher
+
+
+@FAMILY_REGISTRY.register()
+class HFDETRFamily:
+    """A Hugging Face DETR teacher (:class:`HFDETRTeacher`), a DETR to the distillers."""
+
+    name = "DETR"
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        return isinstance(model, HFDETRTeacher)
+
+    @staticmethod
+    def num_classes(model: nn.Module) -> int:
+        return model.num_classes

@@ -17,9 +17,11 @@ from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from kd.families.registry import FAMILY_REGISTRY
 from kd.roi_align import pool_levels
 
 __all__ = [
+    "FasterRCNNFamily",
     "RPNStep",
     "ROIStep",
     "is_faster_rcnn",
@@ -52,6 +54,18 @@ def check_faster_rcnn(model: nn.Module, who: str, what: str) -> None:
             f"{what} needs Faster R-CNN models (GeneralizedRCNN with StandardROIHeads); the {who} "
             f"is {type(model).__name__} with {type(getattr(model, 'roi_heads', None)).__name__}"
         )
+
+
+@FAMILY_REGISTRY.register()
+class FasterRCNNFamily:
+    """Faster R-CNN: detectron2's ``GeneralizedRCNN`` with ``StandardROIHeads``."""
+
+    name = "Faster R-CNN"
+    matches = staticmethod(is_faster_rcnn)
+
+    @staticmethod
+    def num_classes(model: nn.Module) -> int:
+        return model.roi_heads.num_classes
 
 
 # ------------------------------------------------------------------------------------- RPN

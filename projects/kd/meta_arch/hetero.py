@@ -35,15 +35,13 @@ low-resolution student (``KD.STUDENT.INPUT_SCALE``) needs no extra mapping.
 from typing import Dict, Optional
 
 from detectron2.config import CfgNode
-from torch import Tensor, nn
+from torch import Tensor
 
 from kd.class_map import ClassMap
-from kd.families.hf_detr import HFDETRTeacher
-from kd.families.rcnn import is_faster_rcnn
+from kd.families.registry import family_name, num_classes_of
 from kd.losses.class_space import BACKGROUND_MODES
 from kd.losses.kd_detr import kd_detr_loss
 from kd.meta_arch.base import Distiller
-from kd.modeling.detr import DETR
 from kd.points.random import RANDOM_BOX_MODES
 from kd.probes import (
     DETR_CONTENTS,
@@ -56,20 +54,6 @@ PREFIX = "loss_kd_hetero_"
 TERMS = ("cls", "l1", "giou")
 NORMALIZE_MODES = ("num_queries", "weight_sum")
 CLASS_TARGETS = ("full", "foreground")
-
-
-def _family(model: nn.Module) -> str:
-    if isinstance(model, (DETR, HFDETRTeacher)):
-        return "DETR"
-    if is_faster_rcnn(model):
-        return "Faster R-CNN"
-    return type(model).__name__
-
-
-def _num_classes(model: nn.Module) -> int:
-    if isinstance(model, (DETR, HFDETRTeacher)):
-        return model.num_classes
-    return model.roi_heads.num_classes
 
 
 def check_choice(key: str, value: str, choices) -> None:
@@ -118,20 +102,20 @@ class HeteroDistiller(Distiller):
             kwargs: :class:`Distiller` arguments.
         """
         super().__init__(**kwargs)
-        if _family(self.teacher) != self.teacher_family or _family(self.student) != (
+        if family_name(self.teacher) != self.teacher_family or family_name(self.student) != (
             self.student_family
         ):
             raise ValueError(
                 f"{type(self).__name__} distils a {self.teacher_family} teacher into a "
-                f"{self.student_family} student; got a {_family(self.teacher)} teacher "
-                f"(KD.TEACHER.CONFIG_FILE) and a {_family(self.student)} student "
+                f"{self.student_family} student; got a {family_name(self.teacher)} teacher "
+                f"(KD.TEACHER.CONFIG_FILE) and a {family_name(self.student)} student "
                 f"(KD.STUDENT.META_ARCHITECTURE / MODEL.*). For the other direction use "
                 f"{self.config_name}; for a same-family pair use its homogeneous distiller"
             )
         if class_map is not None and not getattr(self, "accepts_class_map", False):
             raise ValueError(f"{type(self).__name__} compares classes index by index")
         self.class_map = class_map
-        t_k, s_k = _num_classes(self.teacher), _num_classes(self.student)
+        t_k, s_k = num_classes_of(self.teacher), num_classes_of(self.student)
         if class_map is None and t_k != s_k:
             raise ValueError(f"teacher predicts {t_k} classes, the student {s_k}")
         check_choice("KD.HETERO.BACKGROUND", background, BACKGROUND_MODES)

@@ -1,0 +1,46 @@
+"""The registry of detector families: what a distiller asks of a teacher or student it did not
+build itself (which family it is, how many classes it predicts)."""
+
+from typing import Optional, Type
+
+from detectron2.utils.registry import Registry
+from torch import nn
+
+__all__ = ["FAMILY_REGISTRY", "family_of", "family_name", "num_classes_of"]
+
+FAMILY_REGISTRY = Registry("KD_FAMILY")
+FAMILY_REGISTRY.__doc__ = """
+Detector families a distiller can take as teacher or student. A registered family is a class
+with (no instances are made):
+
+* ``name: str``: the family's name in messages ("Faster R-CNN", "DETR");
+* ``matches(model: nn.Module) -> bool`` (static): the model is of this family;
+* ``num_classes(model: nn.Module) -> int`` (static): K, the object classes it predicts.
+
+Each family's module registers its class and holds what distillers do with that family (its
+training step, probes, dense view): :mod:`kd.families.rcnn`, :mod:`kd.families.dense`,
+:mod:`kd.families.detr`, :mod:`kd.families.hf_detr`. A new family is one such module, imported
+by ``kd/families/__init__.py``.
+"""
+
+
+def family_of(model: nn.Module) -> Optional[Type]:
+    """The registered family ``model`` belongs to (the first that matches), or None."""
+    for _, family in sorted(FAMILY_REGISTRY):
+        if family.matches(model):
+            return family
+    return None
+
+
+def family_name(model: nn.Module) -> str:
+    """The family's name, or the model's class name when no registered family matches."""
+    family = family_of(model)
+    return family.name if family is not None else type(model).__name__
+
+
+def num_classes_of(model: nn.Module) -> int:
+    """K, the object classes ``model`` predicts, as its family reads them."""
+    family = family_of(model)
+    if family is None:
+        raise ValueError(f"{type(model).__name__} is not of a registered detector family")
+    return family.num_classes(model)
