@@ -1,6 +1,7 @@
 """What a checkpoint holds beyond the weights: the data stream's position (global, with the world
 size), every rank's RNG states, rank-distinct loader seeds and the teacher's identity."""
 
+import hashlib
 import itertools
 import random
 import types
@@ -151,3 +152,23 @@ def test_resume_with_another_teacher_stops_unless_allowed(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="kd.engine"):
         _hook(_sampler(0, 1), 0, teacher="b" * 64, allow=True).load_state_dict(saved)
     assert any("another teacher" in r.getMessage() for r in caplog.records)
+
+
+def test_a_hugging_face_teachers_weights_identify_it(tmp_path):
+    """A resume with another hf:// teacher folder was not caught: KD.TEACHER.WEIGHTS is empty for
+    them, and only that file was hashed. Now the folder's weights file is."""
+    from detectron2.config import CfgNode
+
+    digests = []
+    for name, content in (("a", b"teacher one"), ("b", b"teacher two")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(content)
+        cfg = CfgNode({"KD": {"TEACHER": {"WEIGHTS": "", "CONFIG_FILE": f"hf://{folder}"}}})
+        distiller = torch.nn.Module()
+        object.__setattr__(distiller, "teacher", torch.nn.Module())
+        digests.append(engine._teacher_sha256(cfg, distiller))
+        assert digests[-1] == hashlib.sha256(content).hexdigest()
+    assert digests[0] != digests[1]
+    plain = CfgNode({"KD": {"TEACHER": {"WEIGHTS": "", "CONFIG_FILE": ""}}})
+    assert engine._teacher_sha256(plain, torch.nn.Linear(1, 1)) == ""  # not a distiller

@@ -47,7 +47,7 @@ from kd.checkpoint import KDCheckpointer, load_weights
 from kd.data.validation import validate_test_datasets, validate_test_dicts, validate_train_dicts
 from kd.preemption import PreemptionHook
 from kd.teacher import TeacherError
-from kd.teacher_eval import TeacherEvalHook
+from kd.teacher_eval import TeacherEvalHook, teacher_weights_file
 from kd.weights import file_sha256
 
 __all__ = [
@@ -541,14 +541,13 @@ def _worker_seed(seed: int, rank: int, index: int) -> int:
 
 
 def _teacher_sha256(cfg: CfgNode, model: nn.Module) -> str:
-    """The sha256 of a distiller's teacher weights file ('' for a plain detector)."""
+    """The sha256 of a distiller's teacher weights file (a Hugging Face teacher's in its folder;
+    '' for a plain detector)."""
     module = model.module if isinstance(model, DistributedDataParallel) else model
-    weights = cfg.KD.TEACHER.WEIGHTS
-    if not hasattr(module, "teacher") or not weights:
+    if not hasattr(module, "teacher"):
         return ""
-    from detectron2.utils.file_io import PathManager
-
-    return file_sha256(PathManager.get_local_path(weights) if "://" in weights else weights)
+    weights = teacher_weights_file(cfg)
+    return file_sha256(weights) if weights else ""
 
 
 def _create_ddp_model(model: nn.Module) -> nn.Module:

@@ -32,12 +32,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kd.device import fork_rng
-from kd.families.hf_detr import is_hf_source, weights_file
+from kd.families.hf_source import is_hf_source, weights_file
 from kd.meta_arch.base import Distiller
 from kd.teacher import TeacherError, load_teacher_config
 from kd.weights import atomic_write, file_sha256
 
-__all__ = ["TeacherEvalHook", "CACHE_FILE"]
+__all__ = ["TeacherEvalHook", "CACHE_FILE", "teacher_weights_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +82,23 @@ def _rng_kept():
     np.random.set_state(np_state)
 
 
-def _cache_key(cfg, dataset: str) -> Dict[str, Any]:
+def teacher_weights_file(cfg) -> str:
+    """The local file the teacher's weights are read from: ``KD.TEACHER.WEIGHTS`` (fetched when a
+    URL), or a Hugging Face teacher's weights in its folder; '' when there is none.
+
+    Args:
+        cfg: the KD config.
+    """
     t = cfg.KD.TEACHER
     weights = PathManager.get_local_path(t.WEIGHTS) if "://" in t.WEIGHTS else t.WEIGHTS
     if not weights and is_hf_source(t.CONFIG_FILE):
-        weights = weights_file(t.CONFIG_FILE)  # a Hugging Face teacher's, in its folder
+        weights = weights_file(t.CONFIG_FILE) or ""
+    return weights
+
+
+def _cache_key(cfg, dataset: str) -> Dict[str, Any]:
+    t = cfg.KD.TEACHER
+    weights = teacher_weights_file(cfg)
     config = t.CONFIG_FILE
     local_config = os.path.isfile(config)
     # By content: cp -p, rsync -a and tar keep another file's size and modification time.
