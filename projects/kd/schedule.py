@@ -15,7 +15,8 @@ import math
 from typing import Optional
 
 from detectron2.config import CfgNode, configurable
-from detectron2.utils.events import get_event_storage
+
+from kd.events import training_storage
 
 __all__ = ["KDLossSchedule", "current_iteration"]
 
@@ -106,7 +107,5 @@ class KDLossSchedule:
 
 def current_iteration() -> Optional[int]:
     """The trainer's iteration (detectron2's current ``EventStorage``), None outside training."""
-    try:
-        return get_event_storage().iter
-    except AssertionError:  # a distiller stepped by hand (tools/loss_scale.py, tests) has none
-        return None
+    storage = training_storage()
+    return None if storage is None else storage.iter

@@ -10,13 +10,12 @@ features) at the student's sampled proposals.
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
-from torch import nn
 
+from kd.adapters import HintAdapters
 from kd.families.boxes import deltas_in_student_space
 from kd.families.dense import dense_layout_problems
 from kd.families.rcnn import (
@@ -35,7 +34,7 @@ from kd.losses.chen2017 import (
 from kd.meta_arch.base import Distiller, gt_instances_of
 from kd.roi_align import pool_levels
 
-__all__ = ["Chen2017Distiller", "Chen2017Steps", "HintAdapters"]
+__all__ = ["Chen2017Distiller", "Chen2017Steps"]
 
 PREFIX = "loss_kd_chen2017_"
 
@@ -52,42 +51,6 @@ class Chen2017Steps(NamedTuple):
     # The teacher's RPN head at the same anchors, per level (no graph), when it was run.
     t_rpn_logits: Optional[List[torch.Tensor]] = None
     t_rpn_deltas: Optional[List[torch.Tensor]] = None
-
-
-class HintAdapters(nn.Module):
-    """One 1x1 convolution per hinted feature, mapping the student's channels to the teacher's.
-
-    The paper finds the adaptation layer helps even when the channel counts already match, so it
-    is always there. When the student runs at lower resolution its adapted feature is resized to
-    the teacher's map (bilinear) before the comparison [open in the paper].
-    """
-
-    def __init__(
-        self, names: List[str], student_channels: Dict[str, int], teacher_channels: Dict[str, int]
-    ):
-        """
-        Args:
-            names: the hinted features.
-            student_channels: channels of each student feature.
-            teacher_channels: channels of each teacher feature.
-        """
-        super().__init__()
-        self.adapters = nn.ModuleDict()
-        for name in names:
-            conv = nn.Conv2d(student_channels[name], teacher_channels[name], kernel_size=1)
-            nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.zeros_(conv.bias)
-            self.adapters[name] = conv
-
-    def forward(
-        self, name: str, student_feature: torch.Tensor, teacher_feature: torch.Tensor
-    ) -> torch.Tensor:
-        adapted = self.adapters[name](student_feature)
-        if adapted.shape[-2:] != teacher_feature.shape[-2:]:
-            adapted = F.interpolate(
-                adapted, size=teacher_feature.shape[-2:], mode="bilinear", align_corners=False
-            )
-        return adapted
 
 
 @META_ARCH_REGISTRY.register()

@@ -32,9 +32,10 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.structures import Boxes
-from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from kd.adapters import conv1x1_adapter
+from kd.events import training_storage
 from kd.families.dense import dense_layout_problems
 from kd.losses.gid import (
     gi_feature_loss,
@@ -145,10 +146,7 @@ class GeneralInstanceDistillation(nn.Module):
         num = num if self.needs_features else 0
         self.adapters = nn.ModuleList()
         for _ in range(num):
-            conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
-            nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.zeros_(conv.bias)
-            self.adapters.append(conv)
+            self.adapters.append(conv1x1_adapter(student_channels, teacher_channels))
 
     @classmethod
     def from_config(
@@ -461,9 +459,8 @@ def check_dense_layout(student: nn.Module, teacher: nn.Module, anchor_generator_
 
 
 def log_counts(gi_boxes: List[Boxes], mask: Optional[torch.Tensor]) -> None:
-    try:
-        storage = get_event_storage()
-    except AssertionError:  # called outside a trainer (tests, tools)
+    storage = training_storage()
+    if storage is None:
         return
     storage.put_scalar("kd_gid/num_instances", sum(len(b) for b in gi_boxes) / len(gi_boxes))
     if mask is not None:

@@ -35,10 +35,10 @@ import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes
-from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
 from kd.class_map import ClassMap
+from kd.events import training_storage
 from kd.families.hf_detr import HFDETRTeacher
 from kd.losses.kd_detr import kd_detr_loss
 from kd.meta_arch.base import Distiller
@@ -478,9 +478,8 @@ def _resolve_layers(layers: Sequence[int], num_layers: int, key: str, who: str) 
 
 def _log_foreground_weight(name: str, t_logits: Tensor) -> None:
     # The mean teacher confidence at each set: how much of the set the foreground weight keeps.
-    try:
-        storage = get_event_storage()
-    except AssertionError:  # called outside a trainer (no event storage): nothing to log to
+    storage = training_storage()
+    if storage is None:
         return
     storage.put_scalar(
         f"kd_detr/{name}_foreground_weight", t_logits.sigmoid().max(-1).values.mean().item()
