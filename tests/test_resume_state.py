@@ -11,21 +11,21 @@ import pytest
 import torch
 from torch import nn
 
-from kd import engine
-from kd.engine import ResumableTrainingSampler, TrainingStateHook
+from kd import engine, resume_state
+from kd.resume_state import ResumableTrainingSampler, TrainingStateHook
 from kd.teacher import TeacherError
 
 pytestmark = pytest.mark.usefixtures("rng_left_as_found")
 
 
 def _as_rank(monkeypatch, rank: int, world: int, gathered=None) -> None:
-    """Make kd.engine see itself as rank ``rank`` of ``world`` (all_gather answers
+    """Make kd.resume_state see itself as rank ``rank`` of ``world`` (all_gather answers
     ``gathered``)."""
-    monkeypatch.setattr(engine.comm, "get_rank", lambda: rank)
-    monkeypatch.setattr(engine.comm, "get_world_size", lambda: world)
-    monkeypatch.setattr(engine.comm, "is_main_process", lambda: rank == 0)
+    monkeypatch.setattr(resume_state.comm, "get_rank", lambda: rank)
+    monkeypatch.setattr(resume_state.comm, "get_world_size", lambda: world)
+    monkeypatch.setattr(resume_state.comm, "is_main_process", lambda: rank == 0)
     if gathered is not None:
-        monkeypatch.setattr(engine.comm, "all_gather", lambda data: gathered(data))
+        monkeypatch.setattr(resume_state.comm, "all_gather", lambda data: gathered(data))
 
 
 def _sampler(rank: int, world: int) -> ResumableTrainingSampler:
@@ -73,7 +73,7 @@ def test_checkpoint_of_the_old_format_resumes_as_before(monkeypatch):
     old = {
         "consumed_indices": 6,  # per rank, before the global count
         "rng_python": random.getstate(),
-        "rng_numpy": engine._numpy_state_to_tensors(np.random.get_state()),
+        "rng_numpy": resume_state._numpy_state_to_tensors(np.random.get_state()),
         "rng_torch": torch.get_rng_state(),
         "rng_cuda": [],
     }
@@ -92,7 +92,7 @@ def _rank_states(world: int) -> list:
         random.seed(100 + rank)
         np.random.seed(100 + rank)
         torch.manual_seed(100 + rank)
-        states.append(engine._rng_state())
+        states.append(resume_state._rng_state())
         draws.append((random.random(), float(np.random.rand()), torch.rand(2)))
     return states, draws
 
@@ -112,7 +112,7 @@ def test_each_rank_restores_its_own_rng_state(monkeypatch, caplog, resumed_world
         torch.manual_seed(999)  # what a rank without a saved state keeps
         unsaved = torch.rand(2)
         torch.manual_seed(999)
-        with caplog.at_level("WARNING", logger="kd.engine"):
+        with caplog.at_level("WARNING", logger="kd.resume_state"):
             caplog.clear()
             resumed.load_state_dict(saved)
         drawn = (random.random(), float(np.random.rand()), torch.rand(2))
@@ -149,7 +149,7 @@ def test_resume_with_another_teacher_stops_unless_allowed(monkeypatch, caplog):
     with pytest.raises(TeacherError, match=r"another teacher.*KD.TEACHER.ALLOW_CHANGE"):
         _hook(_sampler(0, 1), 0, teacher="b" * 64).load_state_dict(saved)
     _hook(_sampler(0, 1), 0, teacher="a" * 64).load_state_dict(saved)  # the same: fine
-    with caplog.at_level("WARNING", logger="kd.engine"):
+    with caplog.at_level("WARNING", logger="kd.resume_state"):
         _hook(_sampler(0, 1), 0, teacher="b" * 64, allow=True).load_state_dict(saved)
     assert any("another teacher" in r.getMessage() for r in caplog.records)
 
