@@ -30,7 +30,7 @@ def add_kd_config(cfg: CN) -> None:
     # The teacher's own detectron2 config: a yacs YAML file, a LazyConfig (.py, or the .yaml that
     # LazyConfig.save writes; the teacher is instantiate(cfg.model)), or "zoo://<name>", a
     # detectron2 model-zoo config where detectron2 ships them (configs/coco/zoo/ holds this
-    # project's configs of the zoo architectures its recipes use). See kd/teacher.py.
+    # project's configs of the zoo architectures its recipes use). See kd/teacher_config.py.
     cfg.KD.TEACHER.CONFIG_FILE = ""
     # Trained weights of the teacher (.pth / .pkl, a local path or a detectron2:// URL). Required:
     # a teacher without weights, or whose weights do not fit its architecture, is refused.
