@@ -66,8 +66,8 @@ class Distiller(nn.Module):
         """Build the student and the teacher of a KD config.
 
         The teacher may come from a yacs or a LazyConfig file: what the distillers need of it
-        (input format, classes) is in its :class:`~kd.teacher_config.TeacherInfo`, the rest they read
-        from the built modules, never from the teacher's config keys.
+        (input format, classes) is in its :class:`~kd.teacher_config.TeacherInfo`, the rest they
+        read from the built modules, never from the teacher's config keys.
 
         Args:
             cfg: the KD config.
