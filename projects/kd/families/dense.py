@@ -17,7 +17,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes
 from torch import nn
 
-from kd.families.registry import FAMILY_REGISTRY
+from kd.families.registry import register_model_class_family
 
 __all__ = [
     "RetinaNetFamily",
@@ -29,34 +29,8 @@ __all__ = [
 ]
 
 
-@FAMILY_REGISTRY.register()
-class RetinaNetFamily:
-    """RetinaNet (detectron2's, any backbone)."""
-
-    name = "RetinaNet"
-
-    @staticmethod
-    def matches(model: nn.Module) -> bool:
-        return isinstance(model, RetinaNet)
-
-    @staticmethod
-    def num_classes(model: nn.Module) -> int:
-        return model.num_classes
-
-
-@FAMILY_REGISTRY.register()
-class FCOSFamily:
-    """FCOS (detectron2's, any backbone)."""
-
-    name = "FCOS"
-
-    @staticmethod
-    def matches(model: nn.Module) -> bool:
-        return isinstance(model, FCOS)
-
-    @staticmethod
-    def num_classes(model: nn.Module) -> int:
-        return model.num_classes
+RetinaNetFamily = register_model_class_family("RetinaNet", RetinaNet)
+FCOSFamily = register_model_class_family("FCOS", FCOS)
 
 
 def dense_layout_problems(

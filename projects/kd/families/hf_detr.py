@@ -73,7 +73,7 @@ from kd.families.hf_source import (
     target_size,
     weights_file,
 )
-from kd.families.registry import FAMILY_REGISTRY
+from kd.families.registry import register_model_class_family
 from kd.modeling.detr.box_ops import inverse_sigmoid
 from kd.modeling.detr.structures import DecoderOutput, QueryGroup
 from kd.teacher import TEACHER_SOURCES, TeacherInfo
@@ -535,16 +535,5 @@ def build_hf_teacher(cfg) -> Tuple[HFDETRTeacher, TeacherInfo]:
 TEACHER_SOURCES[HF_PREFIX] = build_hf_teacher
 
 
-@FAMILY_REGISTRY.register()
-class HFDETRFamily:
-    """A Hugging Face DETR teacher (:class:`HFDETRTeacher`), a DETR to the distillers."""
-
-    name = "DETR"
-
-    @staticmethod
-    def matches(model: nn.Module) -> bool:
-        return isinstance(model, HFDETRTeacher)
-
-    @staticmethod
-    def num_classes(model: nn.Module) -> int:
-        return model.num_classes
+# A DETR to the distillers.
+HFDETRFamily = register_model_class_family("DETR", HFDETRTeacher)

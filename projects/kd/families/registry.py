@@ -6,7 +6,13 @@ from typing import Optional, Type
 from detectron2.utils.registry import Registry
 from torch import nn
 
-__all__ = ["FAMILY_REGISTRY", "family_of", "family_name", "num_classes_of"]
+__all__ = [
+    "FAMILY_REGISTRY",
+    "family_of",
+    "family_name",
+    "num_classes_of",
+    "register_model_class_family",
+]
 
 FAMILY_REGISTRY = Registry("KD_FAMILY")
 FAMILY_REGISTRY.__doc__ = """
@@ -44,3 +50,28 @@ def num_classes_of(model: nn.Module) -> int:
     if family is None:
         raise ValueError(f"{type(model).__name__} is not of a registered detector family")
     return family.num_classes(model)
+
+
+def register_model_class_family(name: str, model_class: type) -> Type:
+    """Register the family of the instances of one model class whose ``num_classes`` attribute
+    is K (detectron2's dense detectors, this project's DETR, the Hugging Face DETR adapter).
+
+    Args:
+        name: the family's name in messages.
+        model_class: the class whose instances (subclasses' too) are of the family.
+
+    Returns:
+        The registered family class, named ``<model class>Family``.
+    """
+    family = type(
+        f"{model_class.__name__}Family",
+        (),
+        {
+            "__doc__": f"{name}: instances of ``{model_class.__module__}.{model_class.__name__}``.",
+            "name": name,
+            "matches": staticmethod(lambda model: isinstance(model, model_class)),
+            "num_classes": staticmethod(lambda model: model.num_classes),
+        },
+    )
+    FAMILY_REGISTRY.register(family)
+    return family
