@@ -7,7 +7,7 @@ model outputs meeting float32 targets and losses) are the ones CUDA AMP takes wi
 
 import pytest
 import torch
-from conftest import REPO, TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg, load_script
+from conftest import REPO, TINY_DETR_OPTS, TINY_RCNN_OPTS, build_cfg
 
 from kd.losses import gi_feature_loss, hint_loss, kd_detr_loss
 
@@ -49,7 +49,8 @@ def test_distiller_trains_under_autocast(config, datasets_root, tmp_path, one_th
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
-    bk = load_script("tools/benchmark_kd.py")
+    from kd.benchmark.timing import ensure_teacher_weights, fixed_batches, timing_config
+
     path = f"configs/kd_shapes/{config}"
     if config.startswith("detr"):
         tiny = [*TINY_DETR_OPTS, "MODEL.DETR.NUM_QUERIES", "10", "MODEL.DETR.DEC_LAYERS", "2"]
@@ -65,15 +66,15 @@ def test_distiller_trains_under_autocast(config, datasets_root, tmp_path, one_th
         # 300; torch 2.14.1 CPU), which made this case fail at random with 64 px images.
         opts += ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128"]
     opts += ["KD.TEACHER.WEIGHTS", str(tmp_path / "random_teacher.pth")]
-    cfg = bk.load_config(str(REPO / path), opts, "cpu")
-    bk.ensure_teacher_weights(cfg, str(tmp_path))
+    cfg = timing_config(str(REPO / path), opts, "cpu")
+    ensure_teacher_weights(cfg, str(tmp_path))
     torch.manual_seed(0)
     model = build_model(cfg).train()
     # The same batch in every run: detectron2's training sampler takes its seed, and the random
     # flip its draws, from numpy's global RNG; unseeded, every run trained on other images (the
     # FCOS gradients once thought nondeterministic "on the same inputs" were on other inputs).
     seed_all_rng(0)
-    batch = bk.fixed_batches(cfg, 1)[0]
+    batch = fixed_batches(cfg, 1)[0]
     with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(batch)
     kd_terms = {k: v for k, v in losses.items() if k.startswith("loss_kd_")}

@@ -425,39 +425,56 @@ def test_benchmark_kd_times_the_point_decoding(datasets_root, tmp_path):
     assert all(v >= 0 for v in row["page_faults"].values())
 
 
-def test_benchmark_kd_suites_and_the_benchmark_trained_teacher(tmp_path):
-    """``--suite`` lists every method's config; a missing teacher file is replaced by the one
-    tools/benchmark_table.py trains from the same teacher config, when it exists."""
-    bk = load_script("tools/benchmark_kd.py")
+def test_benchmark_kd_suites_and_the_benchmark_trained_teacher(tmp_path, monkeypatch):
+    """``--suite`` lists every method's config, found from the configs and the registry (a
+    Hugging Face teacher's configs left out: a checkout has no such folder); a missing teacher
+    file is replaced by the one tools/benchmark_table.py trains from the same teacher config,
+    when it exists."""
+    from kd.benchmark import timing
+
+    methods = [
+        "detr_kd_detr.yaml",
+        "faster_rcnn_kd_chen2017.yaml",
+        "faster_rcnn_kd_gid.yaml",
+        "fcos_kd_gid.yaml",
+        "hetero_detr_to_faster_rcnn.yaml",
+        "hetero_faster_rcnn_to_detr.yaml",
+        "retinanet_kd_gid.yaml",
+    ]
+    expected = {
+        "kd_shapes": sorted([*methods, "faster_rcnn_kd_chen2017_lowres.yaml"]),
+        "bccd": methods,
+    }
     for suite in ("kd_shapes", "bccd"):
-        configs = bk.SUITE_CONFIGS[suite]
-        assert len(configs) == 7 and all((REPO / c).is_file() for c in configs)
-        assert all(c.startswith(f"configs/{suite}/") for c in configs)
+        assert timing.method_configs(suite) == [f"configs/{suite}/{n}" for n in expected[suite]]
     # Where `benchmark_table.py --suite bccd` (and the kd_shapes suite) write their teachers.
-    assert bk.benchmark_teacher("configs/bccd/detr_teacher.yaml") == (
+    assert timing.trained_teacher("configs/bccd/detr_teacher.yaml") == (
         "output/bccd_benchmark/teachers/detr/model_final.pth"
     )
-    assert bk.benchmark_teacher(str(REPO / "configs/bccd/faster_rcnn_teacher.yaml")) == (
+    assert timing.trained_teacher(str(REPO / "configs/bccd/faster_rcnn_teacher.yaml")) == (
         "output/bccd_benchmark/teachers/faster_rcnn/model_final.pth"
     )
-    assert bk.benchmark_teacher("configs/kd_shapes/fcos_teacher.yaml") == (
+    assert timing.trained_teacher("configs/kd_shapes/fcos_teacher.yaml") == (
         "output/benchmark/teachers/fcos/model_final.pth"
     )
-    assert bk.benchmark_teacher("configs/bccd/detr_student.yaml") is None
-    assert bk.benchmark_teacher(str(tmp_path / "detr_teacher.yaml")) is None
+    assert timing.trained_teacher("configs/bccd/detr_student.yaml") is None
+    assert timing.trained_teacher(str(tmp_path / "detr_teacher.yaml")) is None
 
-    cfg = bk.load_config(
+    cfg = timing.timing_config(
         str(REPO / "configs/bccd/detr_kd_detr.yaml"),
         ["KD.TEACHER.WEIGHTS", str(tmp_path / "missing.pth")],
         "cpu",
     )
+    assert cfg.SOLVER.BASE_LR == 0.0
     trained = tmp_path / "model_final.pth"
+    monkeypatch.setattr(timing, "trained_teacher", lambda config: str(trained))
     # The configured file is missing and the trained one exists: it is used.
     trained.write_bytes(b"")
-    assert bk.ensure_teacher_weights(cfg, str(tmp_path), str(trained)) == "benchmark"
+    assert timing.ensure_teacher_weights(cfg, str(tmp_path)) == "benchmark"
     assert cfg.KD.TEACHER.WEIGHTS == str(trained)
     # The configured file exists: it is kept.
-    assert bk.ensure_teacher_weights(cfg, str(tmp_path), "elsewhere.pth") == "configured"
+    monkeypatch.setattr(timing, "trained_teacher", lambda config: "elsewhere.pth")
+    assert timing.ensure_teacher_weights(cfg, str(tmp_path)) == "configured"
     assert cfg.KD.TEACHER.WEIGHTS == str(trained)
 
 

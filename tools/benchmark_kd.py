@@ -60,8 +60,6 @@ Run with ``OMP_NUM_THREADS`` set to the cores the process may use, and nothing e
 
 import argparse
 import dataclasses
-import functools
-import importlib.util
 import json
 import os
 import resource
@@ -81,85 +79,13 @@ sys.path.insert(0, os.path.join(ROOT, "projects"))
 # Before anything imports `kd`, which registers the datasets it finds there.
 os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
 
-METHOD_CONFIGS = [
-    "faster_rcnn_kd_chen2017.yaml",
-    "faster_rcnn_kd_gid.yaml",
-    "retinanet_kd_gid.yaml",
-    "fcos_kd_gid.yaml",
-    "detr_kd_detr.yaml",
-    "hetero_detr_to_faster_rcnn.yaml",
-    "hetero_faster_rcnn_to_detr.yaml",
-]
-# --suite -> the default configs: every method, in the same order for both suites.
-SUITE_CONFIGS = {
-    suite: [os.path.join("configs", suite, name) for name in METHOD_CONFIGS]
-    for suite in ("kd_shapes", "bccd")
-}
-
-
-def load_config(path: str, opts: List[str], device: str):
-    """The distiller's config with ``opts`` and the device applied."""
-    from kd.config import load_config as kd_load_config
-
-    cfg = kd_load_config(path, opts, file_option="--configs")
-    cfg.MODEL.DEVICE = device
-    # The optimizer step is timed but moves nothing: every timed iteration sees the same model
-    # (and a random teacher's losses cannot make the student diverge mid-benchmark).
-    cfg.SOLVER.BASE_LR = 0.0
-    return cfg
-
-
-@functools.lru_cache(maxsize=None)
-def _benchmark_table():
-    """``tools/benchmark_table.py`` as a module (a script, not a package), loaded once."""
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_table", os.path.join(ROOT, "tools", "benchmark_table.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def benchmark_teacher(teacher_config: str) -> Optional[str]:
-    """The weights ``tools/benchmark_table.py`` trains from this teacher config (which may not
-    exist yet), or None when its suites train no teacher from it (see ``trained_teacher`` there).
-    """
-    return _benchmark_table().trained_teacher(teacher_config)
-
-
-def ensure_teacher_weights(cfg, tmpdir: str, trained: Optional[str] = None) -> str:
-    """Make ``KD.TEACHER.WEIGHTS`` an existing file: the configured one, else ``trained`` when it
-    exists, else a randomly initialised teacher saved in ``tmpdir``.
-
-    Args:
-        cfg: the distiller's config; ``KD.TEACHER.WEIGHTS`` is changed unless it exists.
-        tmpdir: where a random teacher is written.
-        trained: the benchmark's trained teacher for this config (:func:`benchmark_teacher`).
-
-    Returns:
-        Which weights are used: "configured", "benchmark" (``trained``) or "random".
-    """
-    from kd.teacher import build_teacher_model
-
-    if os.path.isfile(cfg.KD.TEACHER.WEIGHTS):
-        return "configured"
-    if trained and os.path.isfile(trained):
-        cfg.KD.TEACHER.WEIGHTS = trained
-        return "benchmark"
-    torch.manual_seed(0)
-    teacher, _ = build_teacher_model(cfg)  # yacs or LazyConfig teacher
-    path = os.path.join(tmpdir, f"random_teacher_{abs(hash(cfg.KD.TEACHER.CONFIG_FILE))}.pth")
-    torch.save({"model": {k: v.cpu() for k, v in teacher.state_dict().items()}}, path)
-    cfg.KD.TEACHER.WEIGHTS = path
-    return "random"
-
-
-def fixed_batches(cfg, count: int) -> List[List[dict]]:
-    """``count`` training batches, drawn once and reused for every phase and every model."""
-    from kd.engine import Trainer
-
-    loader = iter(Trainer.build_train_loader(cfg))
-    return [next(loader) for _ in range(count)]
+from kd.benchmark.timing import (  # noqa: E402
+    SUITES,
+    ensure_teacher_weights,
+    fixed_batches,
+    method_configs,
+    timing_config,
+)
 
 
 class PeakMemory:
@@ -268,8 +194,8 @@ def benchmark_config(path: str, args, tmpdir: str) -> Dict[str, object]:
 
     from kd.engine import build_optimizer
 
-    cfg = load_config(path, args.opts, args.device)
-    teacher = ensure_teacher_weights(cfg, tmpdir, benchmark_teacher(cfg.KD.TEACHER.CONFIG_FILE))
+    cfg = timing_config(path, args.opts, args.device)
+    teacher = ensure_teacher_weights(cfg, tmpdir)
     print(f"[benchmark_kd] teacher weights ({teacher}): {cfg.KD.TEACHER.WEIGHTS}", flush=True)
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
     distiller = build_model(cfg)
@@ -463,7 +389,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     parser.add_argument(
         "--suite",
-        choices=sorted(SUITE_CONFIGS),
+        choices=SUITES,
         default="kd_shapes",
         help="the default configs: configs/kd_shapes (default) or configs/bccd",
     )
@@ -499,11 +425,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     import kd  # noqa: F401  (registers the distillers and the datasets)
     from kd.data import validate_datasets
 
-    configs = args.configs or [c for c in SUITE_CONFIGS[args.suite] if os.path.isfile(c)]
+    configs = args.configs or method_configs(args.suite)
     rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         for path in configs:
-            cfg = load_config(path, args.opts, args.device)
+            cfg = timing_config(path, args.opts, args.device)
             validate_datasets(list(cfg.DATASETS.TRAIN))
             print(f"[benchmark_kd] {path} ...", flush=True)
             with EventStorage(0):  # detectron2's losses log into it

@@ -37,7 +37,6 @@ why.
 
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import sys
@@ -74,15 +73,6 @@ ALWAYS_SYNC = {
     "batched_nms",
 }
 _TORCH_DIR = os.path.dirname(torch.__file__)
-
-
-def _benchmark_kd():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_kd", os.path.join(ROOT, "tools", "benchmark_kd.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _has_bool_tensor(index) -> bool:
@@ -189,12 +179,13 @@ def _count_config(path: str, args, tmpdir: str) -> Dict[str, object]:
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    bk = _benchmark_kd()
-    cfg = bk.load_config(path, args.opts, args.device)
-    bk.ensure_teacher_weights(cfg, tmpdir, bk.benchmark_teacher(cfg.KD.TEACHER.CONFIG_FILE))
+    from kd.benchmark.timing import ensure_teacher_weights, fixed_batches, timing_config
+
+    cfg = timing_config(path, args.opts, args.device)
+    ensure_teacher_weights(cfg, tmpdir)
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
     distiller = build_model(cfg).train()
-    batches = bk.fixed_batches(cfg, args.iters)
+    batches = fixed_batches(cfg, args.iters)
     counter = CudaSyncCounter if args.device.startswith("cuda") else SyncCounter
 
     def step(model, inputs_of) -> Counter[str]:
@@ -262,10 +253,9 @@ def format_table(rows: List[Dict[str, object]]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    bk = _benchmark_kd()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=None, help="distiller configs")
-    parser.add_argument("--suite", choices=sorted(bk.SUITE_CONFIGS), default="kd_shapes")
+    parser.add_argument("--suite", choices=("kd_shapes", "bccd"), default="kd_shapes")
     parser.add_argument("--iters", type=int, default=2, help="batches counted (mean reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sites", type=int, default=0, help="list the N lines adding the most")
@@ -274,13 +264,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     import kd  # noqa: F401  (registers the distillers and the datasets)
+    from kd.benchmark.timing import method_configs
 
-    configs = args.configs or [
-        c
-        for c in bk.SUITE_CONFIGS[args.suite]
-        + [os.path.join("configs", args.suite, "faster_rcnn_kd_chen2017_lowres.yaml")]
-        if os.path.isfile(c)
-    ]
+    configs = args.configs or method_configs(args.suite)
     rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         for path in configs:

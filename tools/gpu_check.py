@@ -22,7 +22,6 @@ Exits 1 when anything failed, after running everything.
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -39,15 +38,6 @@ sys.path.insert(0, os.path.join(ROOT, "projects"))
 os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
 
 MODES = ("fp32", "amp", "half_teacher")
-
-
-def _benchmark_kd():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_kd", os.path.join(ROOT, "tools", "benchmark_kd.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def mode_options(mode: str, device: str) -> List[str]:
@@ -90,17 +80,15 @@ class IterationTimes(HookBase):
 
 def train_one(path: str, mode: str, args, teachers: str) -> Dict[str, object]:
     """``--iters`` iterations of one config in one precision mode, in this process."""
+    from kd.benchmark.timing import ensure_teacher_weights
     from kd.config import load_config
     from kd.engine import Trainer
 
-    bk = _benchmark_kd()
     out = os.path.join(args.out, "runs", os.path.splitext(os.path.basename(path))[0], mode)
     cfg = load_config(
         path, [*args.opts, *mode_options(mode, args.device), *common_options(args, out, args.iters)]
     )
-    source = bk.ensure_teacher_weights(
-        cfg, teachers, bk.benchmark_teacher(cfg.KD.TEACHER.CONFIG_FILE)
-    )
+    source = ensure_teacher_weights(cfg, teachers)
     cfg.freeze()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -207,7 +195,6 @@ def check_refusals(path: str, teacher_weights: str, args) -> List[Dict[str, obje
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    bk = _benchmark_kd()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=None, help="distiller configs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -220,13 +207,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.chdir(ROOT)
     args.out = os.path.abspath(args.out)
     import kd  # noqa: F401  (registers the distillers and the datasets)
+    from kd.benchmark.timing import method_configs
 
-    configs = args.configs or [
-        c
-        for c in bk.SUITE_CONFIGS["kd_shapes"]
-        + [os.path.join("configs", "kd_shapes", "faster_rcnn_kd_chen2017_lowres.yaml")]
-        if os.path.isfile(c)
-    ]
+    configs = args.configs or method_configs("kd_shapes")
     teachers = os.path.join(args.out, "teachers")
     os.makedirs(teachers, exist_ok=True)
     runs = []
