@@ -4,6 +4,7 @@ on the tiny kd_shapes dataset, saved as a folder that loads as an hf:// teacher.
 import json
 import os
 
+import pytest
 import torch
 from conftest import TINY_DATASET, load_script
 
@@ -38,3 +39,47 @@ def test_two_iterations_write_a_teacher_folder(datasets_root, tmp_path, one_thre
     assert len(moved) > len(initial) // 2
     results = json.loads((out / "eval_results.json").read_text())
     assert "AP" in results["bbox"]
+
+
+def _args(out, *extra):
+    return [
+        "--dataset", TINY_DATASET, "--output", str(out), "--iters", "4", "--batch-size", "2",
+        "--image-size", "64", "--size", "tiny", "--seed", "3", "--device", "cpu",
+        "--checkpoint-period", "2", *extra,
+    ]  # fmt: skip
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(
+    datasets_root, tmp_path, one_thread, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    tool = load_script("tools/train_hf_teacher.py")
+    tool.main(_args(tmp_path / "whole"))
+
+    # Killed during its third iteration: the state saved after the second is kept.
+    calls = {"n": 0}
+    load_sample = tool.load_sample
+
+    def dies_in_the_third_iteration(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2 * 2:  # two samples per iteration
+            raise KeyboardInterrupt
+        return load_sample(*args, **kwargs)
+
+    monkeypatch.setattr(tool, "load_sample", dies_in_the_third_iteration)
+    out = tmp_path / "resumed"
+    try:
+        tool.main(_args(out))
+    except KeyboardInterrupt:
+        pass
+    assert (out / "training_state.pth").is_file() and not (out / "model.safetensors").exists()
+    monkeypatch.setattr(tool, "load_sample", load_sample)
+    with pytest.raises(SystemExit, match="other arguments.*seed 3 \\(now 4\\)"):
+        tool.main([*_args(out)[:-6], "--seed", "4", "--device", "cpu", "--checkpoint-period", "2"])
+    tool.main(_args(out))
+    assert not (out / "training_state.pth").exists()
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    resumed = load_file(str(out / "model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)

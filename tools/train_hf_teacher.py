@@ -3,7 +3,7 @@
 
     python tools/train_hf_teacher.py --dataset kd_shapes --output output/kd_shapes/hf_rtdetr_teacher
         [--iters 3000] [--batch-size 8] [--lr 1e-4] [--image-size 128] [--size small|tiny]
-        [--seed 1] [--device cpu|cuda] [--eval]
+        [--seed 1] [--device cpu|cuda] [--checkpoint-period 500] [--eval]
 
 The model (``RTDetrForObjectDetection``, its own ResNet backbone from random initialisation: no
 download) is trained on ``<dataset>_train`` (any dataset ``import kd`` registers, e.g. the
@@ -15,6 +15,12 @@ losses as transformers computes them). Input as its processor prepares it: RGB /
 teacher for ``KD.TEACHER.CONFIG_FILE "hf://<folder>"`` (``configs/kd_shapes/detr_kd_detr_hf.yaml``).
 ``--eval`` then measures its COCO box AP on ``<dataset>_val`` through the project's teacher
 adapter, as the distillers see it.
+
+Interrupted, it resumes: every ``--checkpoint-period`` iterations the model, the optimizer, the
+iteration and both RNG states are written (atomically) to ``<output>/training_state.pth``, and the
+same command continues from there, to the weights the uninterrupted run would have reached (one
+process, same device). It is read with ``torch.load(weights_only=True)`` and refused, in one line,
+when it was written with other training arguments. A finished folder is not trained again.
 """
 
 import argparse
@@ -33,6 +39,11 @@ from detectron2.structures import BoxMode
 import kd  # noqa: F401  (registers the datasets under $DETECTRON2_DATASETS)
 from kd.compat import build_coco_evaluator
 from kd.families.hf_detr import HFDETRTeacher
+from kd.weights import atomic_write
+
+STATE_FILE = "training_state.pth"
+# The arguments that decide what is trained: a resumed run must have the same.
+TRAINING_ARGS = ("dataset", "iters", "batch_size", "lr", "image_size", "size", "seed")
 
 logger = logging.getLogger("train_hf_teacher")
 
@@ -107,9 +118,49 @@ def load_sample(record: dict, image_size: int, flip: bool):
     return image / 255.0, target
 
 
+def _save_state(path: str, model, optimizer, iteration: int, rng, args) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "iteration": iteration,
+        "torch_rng": torch.get_rng_state(),
+        # JSON: the generator's 128-bit state as plain text, read back without pickle.
+        "numpy_rng": json.dumps(rng.bit_generator.state),
+        "args": json.dumps({k: getattr(args, k) for k in TRAINING_ARGS}),
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _resume(path: str, model, optimizer, rng, args) -> int:
+    """Restore a saved training state; returns the iteration to continue from (0: none)."""
+    if not os.path.isfile(path):
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = json.loads(state["args"])
+    wanted = {k: getattr(args, k) for k in TRAINING_ARGS}
+    if saved != wanted:
+        differ = ", ".join(f"{k} {saved.get(k)!r} (now {v!r})" for k, v in wanted.items()
+                           if saved.get(k) != v)  # fmt: skip
+        raise SystemExit(
+            f"error: {path} was written by a run with other arguments ({differ}): run with "
+            "those, or use another --output"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    rng.bit_generator.state = json.loads(state["numpy_rng"])
+    logger.info("resumed from %s at iteration %d", path, state["iteration"])
+    return int(state["iteration"])
+
+
 def train(args) -> str:
     from transformers import RTDetrImageProcessor
 
+    if os.path.isfile(os.path.join(args.output, "model.safetensors")) and not os.path.isfile(
+        os.path.join(args.output, STATE_FILE)
+    ):
+        logger.info("%s holds a trained teacher: not trained again", args.output)
+        return args.output
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     name = f"{args.dataset}_train"
@@ -125,8 +176,11 @@ def train(args) -> str:
         weight_decay=1e-4,
     )
     warmup = min(100, max(1, args.iters // 10))
+    os.makedirs(args.output, exist_ok=True)
+    state_path = os.path.join(args.output, STATE_FILE)
+    first = _resume(state_path, model, optimizer, rng, args)
     start = time.perf_counter()
-    for it in range(args.iters):
+    for it in range(first, args.iters):
         factor = min(1.0, (it + 1) / warmup)
         for group, base in zip(optimizer.param_groups, (args.lr * 0.1, args.lr)):
             group["lr"] = base * factor
@@ -151,16 +205,20 @@ def train(args) -> str:
                 it + 1,
                 args.iters,
                 out.loss.item(),
-                (time.perf_counter() - start) / (it + 1),
+                (time.perf_counter() - start) / (it + 1 - first),
             )
+        done = it + 1
+        if args.checkpoint_period > 0 and done % args.checkpoint_period == 0 and done < args.iters:
+            _save_state(state_path, model, optimizer, done, rng, args)
     model.eval()
-    os.makedirs(args.output, exist_ok=True)
     model.save_pretrained(args.output, safe_serialization=True)
     RTDetrImageProcessor(
         size={"height": args.image_size, "width": args.image_size}, do_normalize=False
     ).save_pretrained(args.output)
     with open(os.path.join(args.output, "train_args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
+    if os.path.isfile(state_path):
+        os.remove(state_path)  # finished: the folder is the teacher
     logger.info("written: %s (hf://%s as KD.TEACHER.CONFIG_FILE)", args.output, args.output)
     return args.output
 
@@ -204,6 +262,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--log-period", type=int, default=20)
+    parser.add_argument(
+        "--checkpoint-period",
+        type=int,
+        default=500,
+        help="iterations between saved states (0: none)",
+    )
     parser.add_argument("--eval", action="store_true", help="COCO AP on <dataset>_val after")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
