@@ -125,6 +125,7 @@ def test_plan_method_filter_words_and_exact_titles(tmp_path):
     # A word matches every title containing it, case-insensitively: KD-DETR and its ablations.
     assert titles("kd-detr") == [
         "KD-DETR",
+        "KD-DETR, Hugging Face RT-DETR teacher",
         "KD-DETR general points only",
         "KD-DETR specific points only",
         "KD-DETR without foreground weight",
@@ -670,3 +671,53 @@ def test_iterations_to_the_baseline_and_teacher_plateau():
     assert "| 50.30 | no |" in flat
     done = bt.teacher_curve_table(runs, {"t": {"AP": 50.3, "curve": [[500, 49.9], [1000, 50.3]]}})
     assert "| 50.30 | yes | 500: 49.9, 1000: 50.3 |" in done
+
+
+def test_plan_method_with_a_hugging_face_teacher(tmp_path, monkeypatch):
+    """A method with a Hugging Face teacher: the teacher is trained once by
+    tools/train_hf_teacher.py (on the family's teacher schedule) into teachers/<name>, the method
+    gets it as hf://<folder> with empty KD.TEACHER.WEIGHTS, the record names it relative to the
+    output, and its students wait while it is trained elsewhere."""
+    import kd.benchmark.train as bench_train
+
+    bt = load_script("tools/benchmark_table.py")
+    args = plan_args(bt, str(tmp_path), families=["detr"], methods=["Hugging Face"])
+    runs = bt.plan(args)
+    hf = [r for r in runs if r.get("trainer") == "hf"]
+    folder = str(tmp_path / "teachers" / "hf_rtdetr")
+    assert [(r["out"], r["iters"], r["opts"]) for r in hf] == [
+        (folder, 1000, ["--dataset", "kd_shapes", "--size", "small", "--seed", "1"])
+    ]
+    method = [r for r in runs if r["kind"] == "method"]
+    assert len(method) == 1 and method[0]["config"] == "detr_kd_detr_hf.yaml"
+    assert method[0]["opts"][2:] == [
+        "KD.TEACHER.CONFIG_FILE", f"hf://{folder}", "KD.TEACHER.WEIGHTS", "",
+    ]  # fmt: skip
+    assert bt.run_identity(method[0], str(tmp_path))["opts"][3] == "hf://teachers/hf_rtdetr"
+
+    # Its folder locked by another live process: the teacher and the method are skipped.
+    os.makedirs(folder)
+    (tmp_path / "teachers" / "hf_rtdetr" / bt.LOCK_FILE).write_text(str(os.getppid()))
+    trained = []
+    monkeypatch.setattr(
+        bench_train,
+        "train_and_evaluate",
+        lambda name, config, out, *a, **k: trained.append(out) or {"AP": 1.0},
+    )
+    monkeypatch.setattr(
+        bench_train,
+        "train_hf_teacher_and_evaluate",
+        lambda name, out, iters, opts: trained.append(("hf", out, iters, opts)) or {"AP": 2.0},
+    )
+    bt.train_runs(runs, runs, "configs/kd_shapes", str(tmp_path), "")
+    # The family's own teacher and the baseline train; the method waits for its teacher.
+    assert trained == [
+        str(tmp_path / "teachers" / "detr"),
+        str(tmp_path / "detr" / "seed1" / "baseline"),
+    ]
+    # Unlocked, the teacher is trained by the tool, then the method.
+    os.remove(tmp_path / "teachers" / "hf_rtdetr" / bt.LOCK_FILE)
+    trained.clear()
+    bt.train_runs(runs, runs, "configs/kd_shapes", str(tmp_path), "")
+    assert ("hf", folder, 1000, hf[0]["opts"]) in trained
+    assert trained[-1] == method[0]["out"]

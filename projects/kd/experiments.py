@@ -25,12 +25,13 @@ __all__ = [
     "prepare_kd_shapes",
     "read_results",
     "train_and_evaluate",
+    "train_hf_teacher_and_evaluate",
 ]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Which lines of train_net.py's output to show: iteration progress and the final AP table.
-_PROGRESS_MARKS = ("eta:", "Evaluation results for bbox", "error:")
+_PROGRESS_MARKS = ("eta:", "Evaluation results for bbox", "error:", "train_hf_teacher]")
 
 # glibc's malloc maps big blocks (a detector's activations) anew for each allocation and gives
 # freed memory back to the OS, so on CPU every training step pays page faults for them again.
@@ -182,6 +183,34 @@ def train_and_evaluate(
     cmd = [sys.executable, "train_net.py", "--config-file", config, "--resume"]
     cmd += ["OUTPUT_DIR", out_dir, *schedule_opts(iters, evals), *opts]
     print(f"[kd] {name}: training {iters} iterations -> {out_dir} (log: {out_dir}/log.txt)")
+    _run(name, cmd, f"{out_dir}/log.txt")
+    return read_results(out_dir)
+
+
+def train_hf_teacher_and_evaluate(
+    name: str, out_dir: str, iters: int, opts: Sequence[str] = ()
+) -> Dict[str, float]:
+    """Train a Hugging Face RT-DETR teacher with ``tools/train_hf_teacher.py`` into ``out_dir``
+    (resumed when interrupted) and return its AP figures on ``<dataset>_val``.
+
+    Args:
+        name: what the progress lines call the run.
+        out_dir: the folder it writes (an ``hf://`` teacher).
+        iters: iterations.
+        opts: more arguments of the tool (``--dataset``, ``--size``, ``--seed``, ...).
+    """
+    if os.path.isfile(os.path.join(out_dir, "eval_results.json")):
+        print(f"[kd] {name}: already done ({out_dir})", flush=True)
+        return read_results(out_dir)
+    cmd = [sys.executable, os.path.join("tools", "train_hf_teacher.py"), "--output", out_dir]
+    cmd += ["--iters", str(iters), "--eval", *opts]
+    print(f"[kd] {name}: training {iters} iterations -> {out_dir}")
+    _run(name, cmd, "its output above")
+    return read_results(out_dir)
+
+
+def _run(name: str, cmd: List[str], log: str) -> None:
+    """Run a training command from the repository root, printing its progress lines."""
     start = time.time()
     proc = subprocess.Popen(
         cmd,
@@ -204,6 +233,5 @@ def train_and_evaluate(
             print(f"  {line.rstrip()}", flush=True)
     if proc.wait() != 0:
         sys.stdout.write("".join(tail))
-        raise SystemExit(f"[kd] {name} failed (exit {proc.returncode}); see {out_dir}/log.txt")
+        raise SystemExit(f"[kd] {name} failed (exit {proc.returncode}); see {log}")
     print(f"[kd] {name}: done in {time.time() - start:.0f} s", flush=True)
-    return read_results(out_dir)

@@ -3,9 +3,13 @@
 
 import os
 import re
-from typing import List
+from typing import List, Sequence
 
 from kd.benchmark.suites import Family, suite_of, teacher_dir
+from kd.families.hf_source import HF_PREFIX
+
+# A Hugging Face teacher's run: its "config" is the tool that trains it.
+HF_TEACHER_TOOL = "tools/train_hf_teacher.py"
 
 
 def plan(args) -> List[dict]:
@@ -37,23 +41,26 @@ def plan(args) -> List[dict]:
     runs = []
     teacher_outs = set()
 
-    def add_teacher(key: str, fam: Family, config: str) -> str:
+    def add_teacher(key: str, fam: Family, config: str, hf_args: Sequence[str] = ()) -> str:
         out = teacher_dir(args.output, key)
         if out not in teacher_outs:
             teacher_outs.add(out)
             title = "teacher" if config == fam.teacher else f"teacher ({config})"
-            runs.append(
-                dict(
-                    suite=suite.name,
-                    kind="teacher",
-                    family=fam.name,
-                    title=title,
-                    config=config,
-                    out=out,
-                    iters=iters(fam, True),
-                    opts=[],
-                )
+            if config == HF_TEACHER_TOOL:
+                title = f"teacher ({key}, Hugging Face)"
+            run = dict(
+                suite=suite.name,
+                kind="teacher",
+                family=fam.name,
+                title=title,
+                config=config,
+                out=out,
+                iters=iters(fam, True),
+                opts=list(hf_args),
             )
+            if config == HF_TEACHER_TOOL:
+                run["trainer"] = "hf"  # tools/train_hf_teacher.py, not train_net.py
+            runs.append(run)
         return out
 
     for name in sorted(teachers):
@@ -61,7 +68,9 @@ def plan(args) -> List[dict]:
     method_teacher = {}  # method -> its teacher's output folder
     for m in methods:
         fam = suite.families[m.teacher_family or m.family]
-        if m.teacher:
+        if m.hf_teacher:
+            method_teacher[m] = add_teacher(m.hf_teacher, fam, HF_TEACHER_TOOL, m.hf_teacher_args)
+        elif m.teacher:
             method_teacher[m] = add_teacher(os.path.splitext(m.teacher)[0], fam, m.teacher)
         else:
             method_teacher[m] = teacher_dir(args.output, fam.name)
@@ -84,7 +93,10 @@ def plan(args) -> List[dict]:
                 t = os.path.join(method_teacher[m], "model_final.pth")
                 # A longer baseline has no teacher (nor needs one trained).
                 teacher_opts = [] if m.config == fam.student else ["KD.TEACHER.WEIGHTS", t]
-                if m.teacher:
+                if m.hf_teacher:
+                    hf = HF_PREFIX + method_teacher[m]
+                    teacher_opts = ["KD.TEACHER.CONFIG_FILE", hf, "KD.TEACHER.WEIGHTS", ""]
+                elif m.teacher:
                     teacher_opts += [
                         "KD.TEACHER.CONFIG_FILE",
                         os.path.join(suite.configs, m.teacher),
@@ -105,6 +117,20 @@ def plan(args) -> List[dict]:
                     )
                 )
     return runs
+
+
+def teacher_reference(run: dict) -> str:
+    """How the students of a teacher run name it in their overrides: its ``model_final.pth``, or
+    ``hf://<folder>`` for a Hugging Face teacher."""
+    if run.get("trainer") == "hf":
+        return HF_PREFIX + run["out"]
+    return os.path.join(run["out"], "model_final.pth")
+
+
+def teacher_weights(run: dict) -> str:
+    """The file a teacher run leaves its weights in."""
+    name = "model.safetensors" if run.get("trainer") == "hf" else "model_final.pth"
+    return os.path.join(run["out"], name)
 
 
 def folder_conflicts(runs: List[dict]) -> List[str]:

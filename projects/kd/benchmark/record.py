@@ -8,8 +8,10 @@ import subprocess
 import time
 from typing import Dict, List, Optional
 
+from kd.benchmark.plan import teacher_reference, teacher_weights
 from kd.benchmark.suites import suite_of
 from kd.experiments import ROOT, read_results, schedule_opts
+from kd.families.hf_source import HF_PREFIX
 
 METRICS = ("AP", "AP50", "AP75")
 
@@ -26,7 +28,7 @@ def run_identity(run: dict, output: str) -> dict:
     """What makes two runs the same run: config file name, schedule and overrides (paths under
     the benchmark's output folder written relative to it). The config's contents and the code
     are not part of it: after changing either, delete the runs concerned from the record."""
-    opts = [os.path.relpath(o, output) if o.startswith(output + os.sep) else o for o in run["opts"]]
+    opts = [_relative(o, output) for o in run["opts"]]
     identity = {
         "config": run["config"],
         "iters": run["iters"],
@@ -36,6 +38,16 @@ def run_identity(run: dict, output: str) -> dict:
     if suite_of(run).name != "kd_shapes":
         identity["suite"] = suite_of(run).name
     return identity
+
+
+def _relative(option: str, output: str) -> str:
+    """An override naming a path under the benchmark's output folder (a teacher's weights, an
+    ``hf://`` teacher folder), written relative to it; any other as it is."""
+    prefix = HF_PREFIX if option.startswith(HF_PREFIX) else ""
+    path = option[len(prefix) :]
+    if path.startswith(output + os.sep):
+        return prefix + os.path.relpath(path, output)
+    return option
 
 
 def load_record(path: str) -> Dict[str, dict]:
@@ -125,17 +137,14 @@ def runs_to_train(runs: List[dict], output: str, record: Dict[str, dict]) -> Lis
     and lack (a recorded teacher whose weights are gone is retrained only then)."""
     finished = finished_runs(runs, output, record)
     students = [r for r in runs if r["kind"] != "teacher" and r["out"] not in finished]
-    weights = {o for r in students for o in r["opts"] if o.endswith("model_final.pth")}
+    needed = {o for r in students for o in r["opts"]}
     teachers = [
         r
         for r in runs
         if r["kind"] == "teacher"
         and (
             r["out"] not in finished
-            or (
-                os.path.join(r["out"], "model_final.pth") in weights
-                and not os.path.isfile(os.path.join(r["out"], "model_final.pth"))
-            )
+            or (teacher_reference(r) in needed and not os.path.isfile(teacher_weights(r)))
         )
     ]
     return [r for r in runs if r in teachers or r in students]

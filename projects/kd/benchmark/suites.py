@@ -48,6 +48,11 @@ class Method:
     teacher: Optional[str] = None
     # Times the family's student iterations (0.5: half, a convergence row below the schedule).
     schedule: float = 1
+    # A Hugging Face teacher of its own, trained by tools/train_hf_teacher.py (with these
+    # arguments, on the teacher family's schedule) into teachers/<name>, and passed as
+    # KD.TEACHER.CONFIG_FILE "hf://<that folder>" (its weights are in the folder).
+    hf_teacher: Optional[str] = None
+    hf_teacher_args: Sequence[str] = field(default_factory=tuple)
 
     @property
     def slug(self) -> str:
@@ -85,6 +90,14 @@ METHODS = [
     Method("GID", "retinanet", "retinanet_kd_gid.yaml"),
     Method("GID", "fcos", "fcos_kd_gid.yaml"),
     Method("KD-DETR", "detr", "detr_kd_detr.yaml"),
+    # The teacher users have (issue 24): an RT-DETR trained with transformers' own loss.
+    Method(
+        "KD-DETR, Hugging Face RT-DETR teacher",
+        "detr",
+        "detr_kd_detr_hf.yaml",
+        hf_teacher="hf_rtdetr",
+        hf_teacher_args=("--dataset", "kd_shapes", "--size", "small", "--seed", "1"),
+    ),
     Method(
         "KD-DETR general points only",
         "detr",

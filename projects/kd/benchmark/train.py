@@ -5,9 +5,10 @@ import os
 from typing import List
 
 from kd.benchmark.locks import RunLocked, run_lock
+from kd.benchmark.plan import teacher_reference
 from kd.benchmark.record import load_record, record_run, save_record
 from kd.benchmark.suites import suite_of
-from kd.experiments import train_and_evaluate
+from kd.experiments import train_and_evaluate, train_hf_teacher_and_evaluate
 
 
 def train_runs(
@@ -33,20 +34,23 @@ def train_runs(
             continue
         try:
             with run_lock(r["out"]):
-                metrics = train_and_evaluate(
-                    name,
-                    os.path.join(configs, r["config"]),
-                    r["out"],
-                    r["iters"],
-                    r["opts"],
-                    suite_of(r).evals,
-                )
+                if r.get("trainer") == "hf":
+                    metrics = train_hf_teacher_and_evaluate(name, r["out"], r["iters"], r["opts"])
+                else:
+                    metrics = train_and_evaluate(
+                        name,
+                        os.path.join(configs, r["config"]),
+                        r["out"],
+                        r["iters"],
+                        r["opts"],
+                        suite_of(r).evals,
+                    )
         except RunLocked as e:
             print(
                 f"[kd] {name}: skipped, being trained by {e.holder} ({r['out']}); "
                 "run again when it has finished"
             )
-            unavailable.add(os.path.join(r["out"], "model_final.pth"))
+            unavailable.add(teacher_reference(r))
             continue
         if record_path:
             # Re-read first: another benchmark process may have recorded runs meanwhile.
