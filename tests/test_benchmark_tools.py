@@ -444,7 +444,7 @@ def test_benchmark_kd_suites_and_the_benchmark_trained_teacher(tmp_path, monkeyp
     ]
     expected = {
         "kd_shapes": sorted([*methods, "faster_rcnn_kd_chen2017_lowres.yaml"]),
-        "bccd": methods,
+        "bccd": sorted([*methods, "faster_rcnn_kd_chen2017_quarter.yaml"]),
     }
     for suite in ("kd_shapes", "bccd"):
         assert timing.method_configs(suite) == [f"configs/{suite}/{n}" for n in expected[suite]]
@@ -721,3 +721,32 @@ def test_plan_method_with_a_hugging_face_teacher(tmp_path, monkeypatch):
     bt.train_runs(runs, runs, "configs/kd_shapes", str(tmp_path), "")
     assert ("hf", folder, 1000, hf[0]["opts"]) in trained
     assert trained[-1] == method[0]["out"]
+
+
+def test_a_family_learning_from_another_familys_teacher(tmp_path):
+    """bccd_long's quarter-resolution Faster R-CNN students learn from the faster_rcnn family's
+    teacher, trained once in teachers/faster_rcnn, and pair with their own baseline."""
+    bt = load_script("tools/benchmark_table.py")
+    args = plan_args(bt, str(tmp_path), suite="bccd_long", families=["faster_rcnn_quarter"])
+    runs = bt.plan(args)
+    teachers = [r for r in runs if r["kind"] == "teacher"]
+    assert [(r["out"], r["config"]) for r in teachers] == [
+        (str(tmp_path / "teachers" / "faster_rcnn"), "faster_rcnn_teacher.yaml")
+    ]
+    baseline = [r for r in runs if r["kind"] == "baseline"]
+    assert [(r["config"], r["iters"]) for r in baseline] == [
+        ("faster_rcnn_student_quarter.yaml", 1200)
+    ]
+    chen = {r["title"]: r for r in runs if r["kind"] == "method"}
+    quarter = chen["Chen et al. 2017 (quarter-resolution student)"]
+    assert quarter["config"] == "faster_rcnn_kd_chen2017_quarter.yaml"
+    assert quarter["opts"] == [
+        "SEED", "1", "KD.TEACHER.WEIGHTS",
+        str(tmp_path / "teachers" / "faster_rcnn" / "model_final.pth"),
+    ]  # fmt: skip
+    assert chen["baseline, 2x schedule"]["iters"] == 2400
+    cfg = build_cfg("configs/bccd/faster_rcnn_kd_chen2017_quarter.yaml", [])
+    student = build_cfg("configs/bccd/faster_rcnn_student_quarter.yaml", [])
+    # The distilled student sees what its baseline sees: 640x480 scaled by a quarter.
+    assert cfg.INPUT.MIN_SIZE_TEST * cfg.KD.STUDENT.INPUT_SCALE == student.INPUT.MIN_SIZE_TEST
+    assert cfg.INPUT.MAX_SIZE_TEST * cfg.KD.STUDENT.INPUT_SCALE == student.INPUT.MAX_SIZE_TEST

@@ -32,7 +32,9 @@ def plan(args) -> List[dict]:
     for m in missing:
         print(f"[benchmark] skipped '{m.title}' ({m.family}): {m.config} is not in {suite.configs}")
     methods = [m for m in methods if m not in missing]
-    teachers = {f.name for f in families} | {m.teacher_family for m in methods if m.teacher_family}
+    teachers = {f.teacher_key for f in families} | {
+        m.teacher_family for m in methods if m.teacher_family
+    }
 
     def iters(family: Family, teacher: bool) -> int:
         given = args.teacher_iters if teacher else args.student_iters
@@ -73,7 +75,7 @@ def plan(args) -> List[dict]:
         elif m.teacher:
             method_teacher[m] = add_teacher(os.path.splitext(m.teacher)[0], fam, m.teacher)
         else:
-            method_teacher[m] = teacher_dir(args.output, fam.name)
+            method_teacher[m] = teacher_dir(args.output, fam.teacher_key)
     for seed in args.seeds:
         for fam in families:
             runs.append(

@@ -217,7 +217,7 @@ def report(runs: List[dict], output: str, record: Optional[Dict[str, dict]] = No
         # title -> the teacher it learns from (another family's for heterogeneous KD, or one of
         # its own); the family's for baselines
         titles = {
-            r["title"]: r.get("teacher_out", teacher_dir(output, fam))
+            r["title"]: r.get("teacher_out", teacher_dir(output, suite.families[fam].teacher_key))
             for r in runs
             if r["family"] == fam and r["kind"] != "teacher"
         }
