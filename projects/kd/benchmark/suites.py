@@ -246,8 +246,8 @@ BCCD_METHODS = [
 # the DETR 4800, as its students need 3000).
 BCCD_LONG_FAMILIES = families(
     {
-        # The student's converged schedule (issue 22): 1200 iterations gained 9.4 +- 0.6 AP over
-        # 600 (seeds 1-3) and 2400 less than 1 over 1200 (-0.40, +0.82): the half and 2x rows.
+        # The student's converged schedule (issue 22): 1200 iterations gained 8.71 +- 1.18 AP
+        # over 600 and 2400 +0.16 +- 0.62 over 1200 (3 seeds): the half and 2x rows.
         "faster_rcnn": (3000, 1200),
         "retinanet": (3000, 900),
         "fcos": (3000, 900),
