@@ -177,14 +177,9 @@ def train_and_evaluate(
         opts: more ``KEY VALUE`` overrides (teacher weights, seed, method switches).
         evals: evaluations during training (:func:`schedule_opts`), 0 for one at the end.
     """
-    if os.path.isfile(os.path.join(out_dir, "eval_results.json")):
-        print(f"[kd] {name}: already done ({out_dir})", flush=True)
-        return read_results(out_dir)
     cmd = [sys.executable, "train_net.py", "--config-file", config, "--resume"]
     cmd += ["OUTPUT_DIR", out_dir, *schedule_opts(iters, evals), *opts]
-    print(f"[kd] {name}: training {iters} iterations -> {out_dir} (log: {out_dir}/log.txt)")
-    _run(name, cmd, f"{out_dir}/log.txt")
-    return read_results(out_dir)
+    return _train_once(name, cmd, out_dir, iters, f"{out_dir}/log.txt")
 
 
 def train_hf_teacher_and_evaluate(
@@ -199,13 +194,18 @@ def train_hf_teacher_and_evaluate(
         iters: iterations.
         opts: more arguments of the tool (``--dataset``, ``--size``, ``--seed``, ...).
     """
+    cmd = [sys.executable, os.path.join("tools", "train_hf_teacher.py"), "--output", out_dir]
+    cmd += ["--iters", str(iters), "--eval", *opts]
+    return _train_once(name, cmd, out_dir, iters, "its output above")
+
+
+def _train_once(name: str, cmd: List[str], out_dir: str, iters: int, log: str) -> Dict[str, float]:
+    """Run a training command unless ``out_dir`` holds its results already; its AP figures."""
     if os.path.isfile(os.path.join(out_dir, "eval_results.json")):
         print(f"[kd] {name}: already done ({out_dir})", flush=True)
         return read_results(out_dir)
-    cmd = [sys.executable, os.path.join("tools", "train_hf_teacher.py"), "--output", out_dir]
-    cmd += ["--iters", str(iters), "--eval", *opts]
-    print(f"[kd] {name}: training {iters} iterations -> {out_dir}")
-    _run(name, cmd, "its output above")
+    print(f"[kd] {name}: training {iters} iterations -> {out_dir} (log: {log})")
+    _run(name, cmd, log)
     return read_results(out_dir)
 
 

@@ -21,6 +21,7 @@ from kd.families.dense import dense_layout_problems
 from kd.families.rcnn import (
     RPNStep,
     check_faster_rcnn,
+    rcnn_box_predictions,
     roi_step,
     rpn_head_outputs,
     rpn_step,
@@ -32,7 +33,6 @@ from kd.losses.chen2017 import (
     weighted_soft_cross_entropy,
 )
 from kd.meta_arch.base import Distiller, gt_instances_of
-from kd.roi_align import pool_levels
 
 __all__ = ["Chen2017Distiller", "Chen2017Steps"]
 
@@ -293,12 +293,7 @@ class Chen2017Distiller(Distiller):
         scale = 1.0 / self.student_input_scale
         with torch.no_grad():
             t_boxes = [Boxes(b.tensor * scale) for b in boxes]
-            t_box_features = t_roi.box_head(
-                pool_levels(
-                    t_roi.box_pooler, [t_features[f] for f in t_roi.box_in_features], t_boxes
-                )
-            )
-            t_scores, t_deltas = t_roi.box_predictor(t_box_features)
+            t_scores, t_deltas = rcnn_box_predictions(self.teacher, t_features, t_boxes)
         gt_classes = cat([p.gt_classes for p in proposals])
         num_sampled = max(gt_classes.numel(), 1)  # N, as in the box head's own losses
         # The soft and bounded terms are parts of L_cls and L_reg [paper], so they take the

@@ -200,7 +200,6 @@ class KDDETRDistiller(Distiller):
                 clip=False,
                 device=t_encoded.memory.device,
                 dtype=t_encoded.memory.dtype,
-                key="KD.KD_DETR.GENERAL_DISTRIBUTION",
             )
         if self.specific_points:
             # Learned anchors for DAB-style teachers, the selected encoder proposals for

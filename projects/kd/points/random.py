@@ -27,7 +27,6 @@ def random_points(
     device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
     generator: Optional[torch.Generator] = None,
-    key: str = "the random box mode",
 ) -> Tensor:
     """Random boxes, redrawn every call.
 
@@ -41,13 +40,12 @@ def random_points(
             DETRs keeps the raw boxes, as its code does (an anchor may reach past the border).
         device, dtype: of the result.
         generator: optional RNG (tests).
-        key: the config key ``mode`` comes from, for the message.
 
     Returns:
         (B, M, 4) cxcywh boxes in [0, 1].
     """
     if mode not in RANDOM_BOX_MODES:
-        raise ValueError(f"{key} must be one of {RANDOM_BOX_MODES}, got {mode!r}")
+        raise ValueError(f"random box mode must be one of {RANDOM_BOX_MODES}, got {mode!r}")
     if mode == "sigmoid_normal":
         boxes = torch.randn(batch, num, 4, generator=generator).sigmoid()
     else:
