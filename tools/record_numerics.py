@@ -456,6 +456,61 @@ def compare(expected: dict, got: dict, rtol: float = 0.0) -> List[str]:
     return diffs
 
 
+# ----------------------------------------------------------------------------- machine
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def arithmetic_canary() -> str:
+    """A digest of the bits a few seeded kernels produce on this machine, one thread: 3x3, 1x1
+    and depthwise convolutions (forward and weight / input gradients), batch norm in training,
+    a matrix product and a softmax, at the sizes of the shrunk models. Two CPUs that report the
+    same torch build and instruction set can still pick other oneDNN kernels (an AMD EPYC and
+    the machine of the first recording did: 3 of 16 configs beyond 1e-6 after 2 steps); where
+    this digest differs from the recording machine's, bit-exact comparison says nothing."""
+    with one_thread():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 32, 40, 40, generator=g, requires_grad=True)
+        outs = []
+        for groups, k in ((1, 3), (1, 1), (32, 3)):
+            w = torch.randn(32, 32 // groups, k, k, generator=g, requires_grad=True)
+            y = torch.nn.functional.conv2d(x, w, padding=k // 2, groups=groups)
+            y = torch.nn.functional.batch_norm(y, None, None, training=True)
+            gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+            outs += [y, gx, gw]
+        a = torch.randn(64, 256, generator=g)
+        b = torch.randn(256, 96, generator=g)
+        outs += [a @ b, torch.softmax(a, dim=1)]
+        digest = hashlib.sha256()
+        for t in outs:
+            digest.update(t.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def machine_differs(recorded: dict) -> Optional[str]:
+    """Why a fixture recorded on ``recorded`` (its ``recorded_on``) cannot be compared bit for
+    bit here, or None when it can."""
+    here = {
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    if "canary" in recorded:  # fixtures before the canary name no CPU
+        here.update(cpu_model=cpu_model(), canary=arithmetic_canary())
+    differ = [f"{k} {recorded.get(k)} here {v}" for k, v in here.items() if recorded.get(k) != v]
+    if differ:
+        return "recorded on another machine (" + "; ".join(differ) + ")"
+    return None
+
+
 # ----------------------------------------------------------------------------- CLI
 def _provenance() -> dict:
     def git(*args):
@@ -474,6 +529,8 @@ def _provenance() -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": cpu_model(),
+        "canary": arithmetic_canary(),
         "threads": 1,
     }
 
@@ -502,6 +559,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         }
     else:
         fixture = json.loads(Path(args.fixture).read_text())
+        elsewhere = machine_differs(fixture["recorded_on"])
+        if elsewhere:
+            print(f"warning: the fixture was {elsewhere}: differences may be the machine's")
         configs = args.configs or list(fixture["configs"])
         steps = args.steps or fixture["steps"]
     failed = []
