@@ -30,9 +30,9 @@ def _pair(family: str, *extra: str):
     """A GID distiller built from parts (no checkpoint): tiny student (FPN 32), teacher (FPN 64)."""
     from detectron2.modeling import build_model
 
-    from kd.meta_arch.gid import GeneralInstanceDistillation
-    from kd.meta_arch.gid_dense import GIDFCOSDistiller, GIDRetinaNetDistiller
+    from kd.meta_arch.gid import GIDFCOSDistiller, GIDRetinaNetDistiller
     from kd.meta_arch.gid_rcnn import GIDFasterRCNNDistiller
+    from kd.meta_arch.gid_terms import GeneralInstanceDistillation
     from kd.teacher import freeze
 
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def test_fcos_mask_inside_and_fcos_rule():
     # FCOS's own rule adds the centre sampling radius (1.5 strides = 12 px on P3: only x = 20,
     # 28) and the scale range of each level (the P4 points are at most 38 px from the box's
     # edges, below P4's range of 64-128 px).
-    distiller.assignment = "fcos"
+    distiller.gid.fcos_assignment = "fcos"
     mask = distiller.response_mask(anchors, gi + [_boxes()], [(64, 64)] * 2)
     assert torch.nonzero(mask[0]).flatten().tolist() == [2, 3, 10, 11]
     assert not mask[1].any()  # an image without GIs selects nothing
@@ -297,7 +297,7 @@ def test_selection_clips_and_drops_boxes_outside_the_image():
     # Prediction 0 is the best, but its (teacher's) box lies outside the 64 x 64 image.
     t_boxes = torch.tensor([[[70.0, 70, 90, 90], [50, 50, 80, 80], [0, 0, 10, 10]]])
     s_boxes = torch.tensor([[[0.0, 0, 5, 5], [0, 0, 5, 5], [0, 0, 30, 30]]])
-    (boxes,) = distiller.gid.select(t_probs, s_probs, t_boxes, s_boxes, [(64, 64)])
+    (boxes,) = distiller.gid.selector.select(t_probs, s_probs, t_boxes, s_boxes, [(64, 64)])
     assert boxes.tensor.tolist() == [[50, 50, 64, 64], [0, 0, 30, 30]]
 
 
@@ -306,7 +306,7 @@ def test_selection_clips_and_drops_boxes_outside_the_image():
 def test_selection_among_the_best_candidates_equals_selection_among_all(
     candidates, agreeing, monkeypatch
 ):
-    """GISM first selects among each image's best-scoring predictions (GeneralInstanceDistillation
+    """GISM first selects among each image's best-scoring predictions (GeneralInstanceSelector
     .candidates), decoding only their boxes, and over all predictions when that cannot decide:
     the GI boxes are those of the selection over every prediction (written out here as it ran
     before), to the bit, with ties in the scores and boxes lying outside the image."""
@@ -315,7 +315,7 @@ def test_selection_among_the_best_candidates_equals_selection_among_all(
     from kd.families.dense import decode_at
     from kd.points.gism import select_general_instances_batched
 
-    gid = _pair("retinanet", *GID_56).gid
+    gid = _pair("retinanet", *GID_56).gid.selector
     gen = torch.Generator().manual_seed(3)
     n, r = 3, 1000
     t_probs = torch.rand(n, r, 2, generator=gen)
@@ -379,7 +379,7 @@ def test_selection_among_the_best_candidates_equals_selection_among_all(
 def test_different_dense_layouts_are_refused():
     from detectron2.modeling import build_model
 
-    from kd.meta_arch.gid_dense import GIDRetinaNetDistiller
+    from kd.meta_arch.gid import GIDRetinaNetDistiller
     from kd.teacher import freeze
 
     distiller = _pair("retinanet", *GID_56)
@@ -403,6 +403,48 @@ def test_different_dense_layouts_are_refused():
             student_input_format="BGR",
             gid=distiller.gid,
         )
+
+
+def test_one_distiller_for_every_dense_family_and_a_line_for_the_others():
+    """GIDDistiller takes RetinaNet, FCOS and Faster R-CNN pairs (their dense views); a pair of
+    two families, or a family without dense predictions (DETR), is refused in one line."""
+    from detectron2.modeling import build_model
+
+    from kd.families.dense import FCOSView, RetinaNetView
+    from kd.families.rcnn import RPNView
+    from kd.meta_arch.gid import GIDDistiller
+    from kd.teacher import freeze
+
+    pairs = {f: _pair(f, *GID_56) for f in ("retinanet", "fcos", "faster_rcnn")}
+
+    def build(student, teacher, gid):
+        return GIDDistiller(
+            student=student,
+            teacher=teacher,
+            teacher_input_format="BGR",
+            student_input_format="BGR",
+            gid=gid,
+        )
+
+    for family, view in (
+        ("retinanet", RetinaNetView),
+        ("fcos", FCOSView),
+        ("faster_rcnn", RPNView),
+    ):
+        p = pairs[family]
+        views = build(p.student, p.teacher, p.gid).views
+        assert [type(v) for v in views] == [view, view]
+        assert views[0].model is p.student and views[1].model is p.teacher
+    r, f = pairs["retinanet"], pairs["fcos"]
+    with pytest.raises(ValueError, match="needs one family; got a RetinaNet student and a FCOS"):
+        build(r.student, f.teacher, r.gid)
+    detr = freeze(build_model(build_cfg("configs/kd_shapes/detr_teacher.yaml", TINY)))
+    with pytest.raises(ValueError) as e:
+        build(detr, detr, r.gid)
+    assert "\n" not in str(e.value)
+    assert "the student (DETR) does not make; families that do: FCOS, Faster R-CNN, RetinaNet" in (
+        str(e.value)
+    )
 
 
 @pytest.mark.parametrize(

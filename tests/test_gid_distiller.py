@@ -136,13 +136,22 @@ def test_terms_switch_off_and_chen_terms_combine(teachers, batch, tmp_path):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
+    # GIDDistiller is GID alone; GIDFasterRCNNDistiller adds Chen et al.'s terms.
     off = [
+        "MODEL.META_ARCHITECTURE",
+        "GIDFasterRCNNDistiller",
         "KD.GID.FEATURE_WEIGHT",
         "0.0",
         "KD.GID.RESPONSE_REG_WEIGHT",
         "0.0",
         "KD.CHEN2017.RPN_SOFT_CLS",
         "True",
+        "KD.CHEN2017.RPN_BOUNDED_REG",
+        "False",
+        "KD.CHEN2017.RCN_SOFT_CLS",
+        "False",
+        "KD.CHEN2017.RCN_BOUNDED_REG",
+        "False",
         "KD.CHEN2017.HINT.ENABLED",
         "True",
     ]

@@ -3,11 +3,12 @@
 
     python tools/diagnose_gid.py CONFIG.yaml [--batches 8] [--json OUT.json] [KEY VALUE ...]
 
-For a GID config on a dense detector (RetinaNet or FCOS: ``GIDRetinaNetDistiller``,
-``GIDFCOSDistiller``), with its teacher (``KD.TEACHER.WEIGHTS``) and a student (``MODEL.WEIGHTS``,
-e.g. a checkpoint of the distilled run at some iteration; ImageNet-initialised without), runs the
-distiller's own training forward on ``--batches`` training batches (the training loader, its
-augmentation and ``SEED``), without optimizer steps, and reports per ground-truth class:
+For a GID config on a one-stage dense detector (``GIDDistiller`` with RetinaNet or FCOS, or the
+older names ``GIDRetinaNetDistiller``, ``GIDFCOSDistiller``), with its teacher
+(``KD.TEACHER.WEIGHTS``) and a student (``MODEL.WEIGHTS``, e.g. a checkpoint of the distilled
+run at some iteration; ImageNet-initialised without), runs the distiller's own training forward
+on ``--batches`` training batches (the training loader, its augmentation and ``SEED``), without
+optimizer steps, and reports per ground-truth class:
 
 * ``GT``: ground-truth boxes; ``covered``: the fraction of them that a GI box overlaps with IoU >=
   0.5; ``GIs``: GI boxes whose best ground truth (IoU >= 0.5) has that class (``none``: GI boxes
@@ -67,15 +68,20 @@ def diagnose(config_file: str, opts: Sequence[str], batches: int) -> Dict[str, D
     from detectron2.structures import Boxes, pairwise_iou
     from detectron2.utils.events import EventStorage
 
+    from kd.families.dense import DenseDetectorView
     from kd.inspection import training_model
-    from kd.meta_arch.gid_dense import GIDFCOSDistiller, GIDRetinaNetDistiller
+    from kd.meta_arch.gid import GIDDistiller
 
     cfg, model, loader = training_model(config_file, opts)
-    if not isinstance(model, (GIDRetinaNetDistiller, GIDFCOSDistiller)):
+    if not isinstance(model, GIDDistiller) or not isinstance(model.views[0], DenseDetectorView):
         raise ValueError(
             f"{config_file}: diagnose_gid needs a GID config of RetinaNet or FCOS "
-            f"(MODEL.META_ARCHITECTURE GIDRetinaNetDistiller / GIDFCOSDistiller), got "
-            f"{type(model).__name__}"
+            f"(MODEL.META_ARCHITECTURE GIDDistiller), got {type(model).__name__}"
+            + (
+                f" with a {type(model.views[0]).__name__}"
+                if isinstance(model, GIDDistiller)
+                else ""
+            )
         )
     student = model.student
 
@@ -87,7 +93,8 @@ def diagnose(config_file: str, opts: Sequence[str], batches: int) -> Dict[str, D
             lambda m, i, o: seen.__setitem__("anchors", o)
         ),
     ]
-    select, response_mask, teacher_dense = model._select, model.response_mask, model._teacher_dense
+    gid = model.gid
+    select, response_mask, teacher_dense = gid.select, gid.response_mask, model._teacher_trace
 
     def record_select(*a, **k):
         seen["gi_boxes"] = select(*a, **k)
@@ -101,8 +108,9 @@ def diagnose(config_file: str, opts: Sequence[str], batches: int) -> Dict[str, D
         seen["teacher_dense"] = teacher_dense(*a, **k)
         return seen["teacher_dense"]
 
-    model._select, model.response_mask = record_select, record_mask
-    model._teacher_dense = record_teacher
+    # Instance attributes shadow the methods the step calls (removed again below).
+    gid.select, gid.response_mask = record_select, record_mask
+    model._teacher_trace = record_teacher
     sums: Dict[str, Dict[str, float]] = {}
     counts: Dict[str, Dict[str, int]] = {}
 
@@ -125,8 +133,9 @@ def diagnose(config_file: str, opts: Sequence[str], batches: int) -> Dict[str, D
     finally:
         for h in hooks:
             h.remove()
-        model._select, model.response_mask = select, response_mask
-        model._teacher_dense = teacher_dense
+        for name in ("select", "response_mask"):
+            del gid.__dict__[name]
+        del model.__dict__["_teacher_trace"]
     return {
         cls: {k: v if k in TOTALS else v / max(counts[cls][k], 1) for k, v in figures.items()}
         for cls, figures in sums.items()
@@ -162,7 +171,7 @@ def _diagnose_batch(model, batch, losses, seen, names, num_classes, add, Boxes, 
         g = torch.autograd.grad(term, feature_levels, retain_graph=True, allow_unused=True)
         return [torch.zeros_like(f) if x is None else x for x, f in zip(g, feature_levels)]
 
-    t_probs = seen["teacher_dense"][1]["cls"].sigmoid()
+    t_probs = seen["teacher_dense"][1].cls.sigmoid()
     s_probs = cat(
         student._transpose_dense_predictions([cls_levels], [num_classes])[0], dim=1
     ).sigmoid()

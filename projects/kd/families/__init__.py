@@ -2,9 +2,9 @@
 registered in :data:`kd.families.registry.FAMILY_REGISTRY` (its ``__doc__`` states the interface).
 
 * :mod:`kd.families.rcnn`: Faster R-CNN; its training step split where distillers look in
-  (``rpn_step``, ``roi_step``) and its box head asked at given boxes;
-* :mod:`kd.families.dense`: RetinaNet, FCOS; the dense per-location view (anchors, layout check,
-  label assignment) that GID and Chen et al.'s RPN terms compare prediction by prediction;
+  (``rpn_step``, ``roi_step``), its box head asked at given boxes, its RPN as a dense view;
+* :mod:`kd.families.dense`: RetinaNet, FCOS; the dense per-location view (``DenseView``: anchors,
+  head outputs, label assignment) that GID compares prediction by prediction, the layout check;
 * :mod:`kd.families.detr`: this project's DETR-style models;
 * :mod:`kd.families.hf_detr`: Hugging Face ``transformers`` DETR teachers (``hf://``, loaded by
   :mod:`kd.families.hf_source`), behind the interface the DETR distillers use; importing it

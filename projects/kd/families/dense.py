@@ -7,19 +7,24 @@ prediction (GID's selection and response, Chen et al.'s RPN terms) need the two 
 correspond one to one: :func:`dense_layout_problems` says where they do not.
 """
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import cat
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
-from detectron2.structures import Boxes
-from torch import nn
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
 
 from kd.families.registry import register_model_class_family
 
 __all__ = [
+    "DenseOutputs",
+    "DenseView",
+    "DenseDetectorView",
+    "RetinaNetView",
+    "FCOSView",
     "RetinaNetFamily",
     "FCOSFamily",
     "dense_layout_problems",
@@ -29,8 +34,132 @@ __all__ = [
 ]
 
 
-RetinaNetFamily = register_model_class_family("RetinaNet", RetinaNet)
-FCOSFamily = register_model_class_family("FCOS", FCOS)
+class DenseOutputs(NamedTuple):
+    """A detector's dense predictions over a batch: row r of every tensor is the r-th anchor (or
+    point) of all levels, in the anchor generator's order (the layout of its own losses)."""
+
+    cls: Tensor  # (N, R, C) class logits; an RPN's objectness as C = 1
+    deltas: Tensor  # (N, R, 4) box deltas, in the model's own encoding
+    anchors: Optional[List[Boxes]]  # per level, shared by the batch (None where not asked for)
+    centerness: Optional[Tensor] = None  # (N, R, 1) FCOS's centerness logits
+
+
+class DenseView:
+    """How a distiller reads one detector's dense part (its family's ``dense_view``): the
+    anchors, the head's outputs at them, and the detector's own label assignment.
+
+    Subclasses say where the family keeps them; the model is not copied (a view holds it).
+    """
+
+    # Points (FCOS), not anchor boxes: "inside a box" is the paper-level assignment rule.
+    anchor_free = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def anchor_generator(self) -> nn.Module:
+        return self.model.anchor_generator
+
+    @property
+    def box2box_transform(self):
+        return self.model.box2box_transform
+
+    @property
+    def head_in_features(self) -> List[str]:
+        """The backbone features the dense head runs on."""
+        return list(self.model.head_in_features)
+
+    @property
+    def instance_features(self) -> List[str]:
+        """The features the detector pools instances from (a distiller's default)."""
+        return self.head_in_features
+
+    def outputs(self, features: Dict[str, Tensor], anchors: bool = False) -> DenseOutputs:
+        """The dense head on backbone ``features`` (a teacher calls it under ``no_grad``).
+
+        Args:
+            features: the model's backbone outputs.
+            anchors: also generate the anchors (else :attr:`DenseOutputs.anchors` is None).
+        """
+        raise NotImplementedError
+
+    def train_step(
+        self, images: ImageList, features: Dict[str, Tensor], gt_instances: List[Instances]
+    ) -> Tuple[Dict[str, Tensor], DenseOutputs]:
+        """The model's own training step from its backbone ``features`` on: its losses,
+        unchanged, and the dense outputs (with anchors) they were computed from."""
+        raise NotImplementedError
+
+    def foreground(
+        self, boxes: List[Boxes], anchors: List[Boxes], image_sizes: List[tuple]
+    ) -> Tensor:
+        """(N, R) bool: the predictions the model's own label assignment makes foreground when
+        ``boxes`` are each image's ground truth."""
+        raise NotImplementedError
+
+
+class DenseDetectorView(DenseView):
+    """detectron2's one-stage ``DenseDetector``: its head's per-level outputs, transposed."""
+
+    names = ("cls", "deltas")
+
+    def _dims(self) -> List[int]:
+        return [self.model.num_classes, 4]
+
+    def _outputs(self, head_features: List[Tensor], predictions, anchors: bool) -> DenseOutputs:
+        dense = dense_outputs(self.model, predictions, self._dims(), self.names)
+        return DenseOutputs(
+            dense["cls"],
+            dense["deltas"],
+            self.model.anchor_generator(head_features) if anchors else None,
+            dense.get("ctr"),
+        )
+
+    def outputs(self, features, anchors=False):
+        head_features = [features[f] for f in self.model.head_in_features]
+        return self._outputs(head_features, self.model.head(head_features), anchors)
+
+    def train_step(self, images, features, gt_instances):
+        model = self.model
+        head_features = [features[f] for f in model.head_in_features]
+        predictions = model.head(head_features)
+        losses = model.forward_training(images, head_features, predictions, gt_instances)
+        return losses, self._outputs(head_features, predictions, anchors=True)
+
+
+class RetinaNetView(DenseDetectorView):
+    """RetinaNet: anchors, class logits and deltas; its ``anchor_matcher`` assigns labels."""
+
+    def foreground(self, boxes, anchors, image_sizes):
+        return matcher_foreground(self.model.anchor_matcher, boxes, Boxes.cat(anchors))
+
+
+class FCOSView(DenseDetectorView):
+    """FCOS: points (as zero-size anchors), class, box and centerness logits; its own assignment
+    (``match_anchors``: centre sampling and scale ranges)."""
+
+    anchor_free = True
+    names = ("cls", "deltas", "ctr")
+
+    def _dims(self) -> List[int]:
+        return [self.model.num_classes, 4, 1]
+
+    def foreground(self, boxes, anchors, image_sizes):
+        num = sum(len(a) for a in anchors)
+        masks = []
+        for b, size in zip(boxes, image_sizes):
+            if not len(b):  # FCOS's match_anchors cannot take an image without boxes
+                masks.append(torch.zeros(num, dtype=torch.bool, device=b.tensor.device))
+                continue
+            gt = Instances(size)
+            gt.gt_boxes = b
+            masks.append(self.model.match_anchors(anchors, [gt])[0] >= 0)
+        return torch.stack(masks)
+
+
+RetinaNetFamily = register_model_class_family("RetinaNet", RetinaNet, RetinaNetView)
+FCOSFamily = register_model_class_family("FCOS", FCOS, FCOSView)
 
 
 def dense_layout_problems(

@@ -13,19 +13,23 @@ probes (:mod:`kd.probes`) ask a teacher's or student's box head through
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+from detectron2.layers import cat
 from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from kd.families.dense import DenseOutputs, DenseView, matcher_foreground
 from kd.families.registry import FAMILY_REGISTRY
 from kd.roi_align import pool_levels
 
 __all__ = [
     "FasterRCNNFamily",
+    "RPNView",
     "RPNStep",
     "ROIStep",
     "is_faster_rcnn",
     "check_faster_rcnn",
+    "rpn_dense_outputs",
     "flatten_rpn_outputs",
     "rpn_head_outputs",
     "rpn_step",
@@ -56,12 +60,61 @@ def check_faster_rcnn(model: nn.Module, who: str, what: str) -> None:
         )
 
 
+class RPNView(DenseView):
+    """A Faster R-CNN's dense part, its RPN: anchors, objectness (one class) and deltas, labels
+    assigned by the RPN's ``anchor_matcher``. Its training step is the whole model's (RPN and
+    ROI heads: :func:`rpn_step`, :func:`roi_step`)."""
+
+    def __init__(self, model: nn.Module):
+        rpn = getattr(model, "proposal_generator", None)
+        if rpn is None or not hasattr(rpn, "anchor_generator"):
+            raise ValueError(
+                f"{type(model).__name__} has no RPN (MODEL.PROPOSAL_GENERATOR.NAME 'RPN'): its "
+                "dense predictions are the RPN's"
+            )
+        super().__init__(model)
+        self.rpn = rpn
+
+    @property
+    def anchor_generator(self) -> nn.Module:
+        return self.rpn.anchor_generator
+
+    @property
+    def box2box_transform(self):
+        return self.rpn.box2box_transform
+
+    @property
+    def head_in_features(self) -> List[str]:
+        return list(self.rpn.in_features)
+
+    @property
+    def instance_features(self) -> List[str]:
+        return list(self.model.roi_heads.box_in_features)
+
+    def outputs(self, features: Dict[str, Tensor], anchors: bool = False) -> DenseOutputs:
+        logits, deltas = rpn_head_outputs(self.model, features)
+        boxes = None
+        if anchors:
+            boxes = self.rpn.anchor_generator([features[f] for f in self.rpn.in_features])
+        return DenseOutputs(cat(logits, dim=1)[..., None], cat(deltas, dim=1), boxes)
+
+    def train_step(self, images, features, gt_instances):
+        step = rpn_step(self.model, images, features, gt_instances)
+        losses = dict(step.losses)
+        losses.update(roi_step(self.model, features, step.proposals, gt_instances).losses)
+        return losses, rpn_dense_outputs(step)
+
+    def foreground(self, boxes, anchors, image_sizes):
+        return matcher_foreground(self.rpn.anchor_matcher, boxes, Boxes.cat(anchors))
+
+
 @FAMILY_REGISTRY.register()
 class FasterRCNNFamily:
     """Faster R-CNN: detectron2's ``GeneralizedRCNN`` with ``StandardROIHeads``."""
 
     name = "Faster R-CNN"
     matches = staticmethod(is_faster_rcnn)
+    dense_view = RPNView
 
     @staticmethod
     def num_classes(model: nn.Module) -> int:
@@ -82,6 +135,11 @@ class RPNStep(NamedTuple):
     gt_boxes: List[Tensor]  # per image (A, B): each anchor's matched ground truth box
     proposals: List[Instances]  # per image, for the ROI heads (no graph)
     losses: Dict[str, Tensor]
+
+
+def rpn_dense_outputs(step: RPNStep) -> DenseOutputs:
+    """The RPN's outputs of a training step as :class:`DenseOutputs` (all levels in a row)."""
+    return DenseOutputs(cat(step.logits, dim=1)[..., None], cat(step.deltas, dim=1), step.anchors)
 
 
 def flatten_rpn_outputs(rpn: nn.Module, logits: List[Tensor], deltas: List[Tensor]):

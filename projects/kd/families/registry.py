@@ -11,6 +11,7 @@ __all__ = [
     "family_of",
     "family_name",
     "num_classes_of",
+    "dense_view_of",
     "register_model_class_family",
 ]
 
@@ -21,7 +22,10 @@ with (no instances are made):
 
 * ``name: str``: the family's name in messages ("Faster R-CNN", "DETR");
 * ``matches(model: nn.Module) -> bool`` (static): the model is of this family;
-* ``num_classes(model: nn.Module) -> int`` (static): K, the object classes it predicts.
+* ``num_classes(model: nn.Module) -> int`` (static): K, the object classes it predicts;
+* ``dense_view: Optional[type]``: for a family with dense per-location predictions (one-stage
+  heads, an R-CNN's RPN), a :class:`kd.families.dense.DenseView` subclass taking the model, that
+  distillers comparing two models location by location (GID) read it through; None otherwise.
 
 Each family's module registers its class and holds what distillers do with that family (its
 training step, probes, dense view): :mod:`kd.families.rcnn`, :mod:`kd.families.dense`,
@@ -52,13 +56,35 @@ def num_classes_of(model: nn.Module) -> int:
     return family.num_classes(model)
 
 
-def register_model_class_family(name: str, model_class: type) -> Type:
+def dense_view_of(model: nn.Module, who: str, what: str):
+    """The dense view of ``model`` (:class:`kd.families.dense.DenseView`), or one line naming
+    the families that have one.
+
+    Args:
+        model: the teacher or the student.
+        who: "teacher" or "student"; what: the distiller's name, for the message.
+    """
+    family = family_of(model)
+    view = getattr(family, "dense_view", None)
+    if view is None:
+        dense = sorted(f.name for _, f in FAMILY_REGISTRY if getattr(f, "dense_view", None))
+        raise ValueError(
+            f"{what} compares dense per-location predictions, which the {who} "
+            f"({family_name(model)}) does not make; families that do: {', '.join(dense)}"
+        )
+    return view(model)
+
+
+def register_model_class_family(
+    name: str, model_class: type, dense_view: Optional[type] = None
+) -> Type:
     """Register the family of the instances of one model class whose ``num_classes`` attribute
     is K (detectron2's dense detectors, this project's DETR, the Hugging Face DETR adapter).
 
     Args:
         name: the family's name in messages.
         model_class: the class whose instances (subclasses' too) are of the family.
+        dense_view: its dense view class, if it has one.
 
     Returns:
         The registered family class, named ``<model class>Family``.
@@ -71,6 +97,7 @@ def register_model_class_family(name: str, model_class: type) -> Type:
             "name": name,
             "matches": staticmethod(lambda model: isinstance(model, model_class)),
             "num_classes": staticmethod(lambda model: model.num_classes),
+            "dense_view": dense_view,
         },
     )
     FAMILY_REGISTRY.register(family)

@@ -1,5 +1,6 @@
-"""General Instance Distillation (Dai et al., CVPR 2021): the method, shared by its distillers for
-RetinaNet and FCOS (:mod:`kd.meta_arch.gid_dense`) and Faster R-CNN (:mod:`kd.meta_arch.gid_rcnn`).
+"""General Instance Distillation (Dai et al., CVPR 2021): its terms, on two models' dense views
+(:class:`kd.families.dense.DenseView`), for its distillers (:mod:`kd.meta_arch.gid`, and with
+Chen et al.'s terms :mod:`kd.meta_arch.gid_rcnn`).
 
 METHODS.md section 2. Every iteration, per image and without gradients, the general instance
 selection module (GISM) compares the teacher's and the student's dense class scores (the RPN's
@@ -17,54 +18,50 @@ top K after NMS. Those GI boxes are the distillation points of three losses:
   (:func:`kd.losses.gid.gi_response_loss`).
 
 Teacher and student must share the dense layout (anchors / points, classes), checked when the
-distiller is built. The student's forward is run step by step, so its dense predictions are
-computed once and serve both its own losses and GID; the teacher computes, under ``no_grad``, its
-backbone and its dense head once each, and only when a GID term is on.
+distiller is built (:func:`check_dense_layout`).
 
 Losses: ``loss_kd_gid_feature``, ``loss_kd_gid_relation``, ``loss_kd_gid_response_cls`` and
 ``loss_kd_gid_response_reg`` (weights ``KD.GID.*``; a weight of 0 removes the term).
 """
 
-from typing import Callable, Dict, List, Optional, Union
+from functools import partial
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.structures import Boxes
+from detectron2.structures.boxes import pairwise_point_box_distance
 from torch import nn
 
 from kd.adapters import conv1x1_adapter
 from kd.events import training_storage
-from kd.families.dense import dense_layout_problems
+from kd.families.boxes import deltas_in_student_space
+from kd.families.dense import DenseOutputs, DenseView, decode_at, dense_layout_problems
 from kd.losses.gid import (
     gi_feature_loss,
     gi_relation_loss,
     gi_relation_losses,
     gi_response_loss,
 )
-from kd.losses.precision import float32_loss
-from kd.points.gism import gi_scores, select_general_instances_batched
+from kd.points.gism import GeneralInstanceSelector
 from kd.roi_align import pool_levels, with_fast_roi_align_grad
 
-__all__ = ["GeneralInstanceDistillation", "BoxesAt", "check_dense_layout", "log_counts"]
+__all__ = ["GeneralInstanceDistillation", "check_dense_layout", "log_counts"]
 
 PREFIX = "loss_kd_gid_"
-# Decoded boxes for GISM: (N, R, 4), or a function of (N, T) indices into R returning (N, T, 4).
-BoxesAt = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 
 class GeneralInstanceDistillation(nn.Module):
-    """GISM and the three GID losses, shared by the distillers; owns the trained adapters.
+    """GISM and the three GID losses on two models' dense views, shared by the distillers; owns
+    the trained adapters. Calling it gives the GID terms of a training step (:meth:`forward`).
 
     The adapter is applied to the *pooled* instance features: a 1x1 convolution commutes with
     ROIAlign's bilinear averaging (the GI boxes are clipped to the image, so every sample is
     inside the map and its weights sum to 1), so this equals adapting the whole pyramid and
     pooling after, for K x h x w pixels instead of every pixel of every level.
     """
-
-    # The best-scoring predictions of each image GISM first selects among (:meth:`select`).
-    candidates = 1000
 
     @configurable
     def __init__(
@@ -90,6 +87,9 @@ class GeneralInstanceDistillation(nn.Module):
         relation_min_instances: int = 3,
         response_cls_weight: float = 0.1,
         response_reg_weight: float = 0.1,
+        fcos_score: str = "cls",
+        fcos_assignment: str = "inside",
+        fcos_centerness: bool = True,
     ):
         """
         Args:
@@ -112,16 +112,27 @@ class GeneralInstanceDistillation(nn.Module):
             relation_min_instances: images with fewer GIs are skipped [paper: 3].
             response_cls_weight, response_reg_weight: lambda_3 of the response loss's two parts
                 [code: 0.1, 0.1]; 0 switches a part off.
+            fcos_score, fcos_assignment, fcos_centerness: with anchor-free (FCOS) models, the
+                score GISM compares ("cls" [paper], or FCOS's "cls_ctr"), the response mask
+                ("inside" a GI box [paper], or FCOS's own assignment "fcos"), and whether the
+                centerness logit is distilled as one more response column [open].
         """
         super().__init__()
         if adapter not in ("shared", "per_level"):
             raise ValueError(f"KD.GID.ADAPTER must be 'shared' or 'per_level', got {adapter!r}")
+        if fcos_score not in ("cls", "cls_ctr"):
+            raise ValueError(f"KD.GID.FCOS_SCORE must be 'cls' or 'cls_ctr', got {fcos_score!r}")
+        if fcos_assignment not in ("inside", "fcos"):
+            raise ValueError(
+                f"KD.GID.FCOS_ASSIGNMENT must be 'inside' or 'fcos', got {fcos_assignment!r}"
+            )
         self.in_features = list(in_features)
-        self.top_k = top_k
-        self.nms_thresh = nms_thresh
-        self.score_mode = score_mode
-        self.score_thresh = score_thresh
-        self.pre_nms_topk = pre_nms_topk
+        self.selector = GeneralInstanceSelector(
+            top_k, nms_thresh, score_mode, score_thresh, pre_nms_topk
+        )
+        self.fcos_score = fcos_score
+        self.fcos_assignment = fcos_assignment
+        self.fcos_centerness = fcos_centerness
         self.feature_weight = feature_weight
         self.relation_weight = relation_weight
         self.relation_min_instances = relation_min_instances
@@ -204,6 +215,9 @@ class GeneralInstanceDistillation(nn.Module):
             "relation_min_instances": g.RELATION_MIN_INSTANCES,
             "response_cls_weight": g.RESPONSE_CLS_WEIGHT,
             "response_reg_weight": g.RESPONSE_REG_WEIGHT,
+            "fcos_score": g.FCOS_SCORE,
+            "fcos_assignment": g.FCOS_ASSIGNMENT,
+            "fcos_centerness": g.FCOS_CENTERNESS,
         }
 
     # ------------------------------------------------------------------ switches
@@ -219,110 +233,106 @@ class GeneralInstanceDistillation(nn.Module):
     def enabled(self) -> bool:
         return self.needs_features or self.needs_response
 
-    # ------------------------------------------------------------------ GISM
+    # ------------------------------------------------------------------ one step
+    def forward(
+        self,
+        views: Tuple[DenseView, DenseView],
+        student: DenseOutputs,
+        teacher: DenseOutputs,
+        features: Dict[str, torch.Tensor],
+        teacher_features: Dict[str, torch.Tensor],
+        image_sizes: List[tuple],
+    ) -> Dict[str, torch.Tensor]:
+        """The enabled GID terms of one training step, on the GI boxes GISM selects.
+
+        Args:
+            views: the student's and the teacher's dense views.
+            student: the student's dense outputs of this step, with anchors (shared by both).
+            teacher: the teacher's, on the same inputs (no graph).
+            features, teacher_features: the two backbones' outputs.
+            image_sizes: (h, w) of each image before padding.
+        """
+        gi_boxes = self.select(views, student, teacher, image_sizes)
+        losses = self.feature_losses(features, teacher_features, gi_boxes)
+        mask = None
+        if self.needs_response:
+            mask = self.response_mask(views[0], student.anchors, gi_boxes, image_sizes)
+            t_deltas = deltas_in_student_space(
+                teacher.deltas,
+                Boxes.cat(student.anchors).tensor,
+                student=views[0].box2box_transform,
+                teacher=views[1].box2box_transform,
+            )
+            losses.update(
+                self.response_losses(
+                    self.response_outputs(views[0], student),
+                    self.response_outputs(views[1], teacher),
+                    student.deltas,
+                    t_deltas,
+                    mask,
+                )
+            )
+        log_counts(gi_boxes, mask)
+        return losses
+
     @torch.no_grad()
     def select(
         self,
-        teacher_probs: torch.Tensor,
-        student_probs: torch.Tensor,
-        teacher_boxes: BoxesAt,
-        student_boxes: BoxesAt,
+        views: Tuple[DenseView, DenseView],
+        student: DenseOutputs,
+        teacher: DenseOutputs,
         image_sizes: List[tuple],
     ) -> List[Boxes]:
-        """The general instances of each image (GISM), without gradients.
-
-        GISM keeps the first ``top_k`` survivors of a greedy NMS in GI-score order, and those
-        depend only on the predictions scoring above the last of them. So the selection first runs
-        on each image's ``candidates`` best-scoring predictions (in their original order, so that
-        ties break as over all of them): when every image has ``top_k`` survivors there, each
-        scoring above every prediction left out, they are the survivors over all predictions
-        (else the selection reruns on four times as many, up to all). Only those candidates' boxes
-        are decoded and compared: all R of them (61k over a BCCD RetinaNet batch) took 6-9 ms
-        an iteration.
-
-        Args:
-            teacher_probs, student_probs: (N, R, C) scores at the R shared predictions.
-            teacher_boxes, student_boxes: each model's decoded boxes, XYXY: (N, R, 4), or a function
-                of (N, T) long indices into R that returns the (N, T, 4) boxes at those predictions.
-            image_sizes: (h, w) of each image, before padding; boxes are clipped to it.
-
-        Returns:
-            N ``Boxes`` of at most ``top_k`` GI boxes each, by decreasing GI score.
-        """
-        r = teacher_probs.shape[1]
-        num = self.candidates
-        # KD.GID.PRE_NMS_TOPK counts the candidates left after dropping empty boxes, which only
-        # the boxes of every prediction tell. The scores as select_general_instances_batched
-        # computes them (float32 also under AMP).
-        scores = (
-            None
-            if self.pre_nms_topk or num >= r
-            else float32_loss(gi_scores)(teacher_probs, student_probs, mode=self.score_mode).float()
-        )
-        while scores is not None and num < r:
-            best = scores.topk(num, dim=1)
-            selected = self._select_at(
-                best.indices.sort(dim=1).values,
-                teacher_probs,
-                student_probs,
-                teacher_boxes,
-                student_boxes,
-                image_sizes,
+        """The GI boxes of each image: GISM on the two models' scores, each model's boxes decoded
+        by its own transform on the shared anchors (only where GISM looks)."""
+        if student.cls.shape != teacher.cls.shape:
+            raise ValueError(
+                f"teacher and student dense outputs differ in shape ({tuple(teacher.cls.shape)}"
+                f" vs {tuple(student.cls.shape)}): they must see the same (padded) input size"
             )
-            # One comparison for the batch (a Python one per image would wait for the GPU each).
-            if all(len(s) == self.top_k for _, s, _ in selected) and bool(
-                (torch.stack([s[-1] for _, s, _ in selected]) > best.values[:, -1]).all()
-            ):
-                return [Boxes(boxes) for boxes, _, _ in selected]
-            num *= 4
-        selected = self._select_at(
-            None, teacher_probs, student_probs, teacher_boxes, student_boxes, image_sizes
+        anchors = Boxes.cat(student.anchors).tensor
+        return self.selector.select(
+            self.gi_probs(views[1], teacher),
+            self.gi_probs(views[0], student),
+            partial(decode_at, views[1].box2box_transform, teacher.deltas, anchors),
+            partial(decode_at, views[0].box2box_transform, student.deltas, anchors),
+            image_sizes,
         )
-        return [Boxes(boxes) for boxes, _, _ in selected]
 
-    def _select_at(
+    def gi_probs(self, view: DenseView, outputs: DenseOutputs) -> torch.Tensor:
+        """(N, R, C) scores GISM compares: the class probabilities (an RPN's objectness [paper]),
+        or with ``fcos_score`` "cls_ctr" FCOS's own score sqrt(cls * centerness)."""
+        if view.anchor_free and self.fcos_score == "cls_ctr":
+            # FCOS's own inference score (eq. 4 of the FCOS journal version).
+            return torch.sqrt(outputs.cls.sigmoid() * outputs.centerness.sigmoid())
+        return outputs.cls.sigmoid()
+
+    def response_outputs(self, view: DenseView, outputs: DenseOutputs) -> torch.Tensor:
+        """(N, R, C') logits the response loss compares (FCOS: with its centerness column)."""
+        if view.anchor_free and self.fcos_centerness:
+            return torch.cat([outputs.cls, outputs.centerness], dim=-1)
+        return outputs.cls
+
+    def response_mask(
         self,
-        index: Optional[torch.Tensor],
-        teacher_probs: torch.Tensor,
-        student_probs: torch.Tensor,
-        teacher_boxes: BoxesAt,
-        student_boxes: BoxesAt,
+        view: DenseView,
+        anchors: List[Boxes],
+        gi_boxes: List[Boxes],
         image_sizes: List[tuple],
-    ) -> List[tuple]:
-        """:func:`select_general_instances_batched` on the (N, T) predictions ``index`` (None: all
-        of them), boxes clipped to each image; its (boxes, scores, from_teacher) per image."""
-
-        def at(x: torch.Tensor) -> torch.Tensor:
-            if index is None:
-                return x
-            return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-        def boxes_at(boxes: BoxesAt) -> torch.Tensor:
-            if not callable(boxes):
-                return at(boxes)
-            if index is None:
-                n, r = teacher_probs.shape[:2]
-                return boxes(torch.arange(r, device=teacher_probs.device).expand(n, r))
-            return boxes(index)
-
-        teacher_boxes, student_boxes = boxes_at(teacher_boxes), boxes_at(student_boxes)
-        # Clip every box to its own image: (N, 1, 4) upper bounds (w, h, w, h).
-        hw = torch.as_tensor(image_sizes, dtype=teacher_boxes.dtype, device=teacher_boxes.device)
-        upper = hw[:, [1, 0, 1, 0]][:, None]
-        t_boxes = torch.min(teacher_boxes.clamp(min=0), upper)
-        s_boxes = torch.min(student_boxes.clamp(min=0), upper)
-        # A GI box clipped away entirely (predicted outside the image) is dropped by the selection.
-        return select_general_instances_batched(
-            at(teacher_probs),
-            at(student_probs),
-            t_boxes,
-            s_boxes,
-            top_k=self.top_k,
-            nms_iou=self.nms_thresh,
-            score_mode=self.score_mode,
-            score_threshold=self.score_thresh,
-            pre_nms_top_k=self.pre_nms_topk or None,
-        )
+    ) -> torch.Tensor:
+        """(N, R) bool: the predictions the GI boxes select for the response loss: the model's
+        own label assignment with the GI boxes as ground truth (anchors [paper]), or for
+        anchor-free models with ``fcos_assignment`` "inside" the points inside a GI box [paper].
+        """
+        if view.anchor_free and self.fcos_assignment == "inside":
+            centers = Boxes.cat(anchors).get_centers()
+            return torch.stack(
+                [
+                    (pairwise_point_box_distance(centers, boxes).min(dim=2).values > 0).any(dim=1)
+                    for boxes in gi_boxes
+                ]
+            )
+        return view.foreground(gi_boxes, anchors, image_sizes)
 
     # ------------------------------------------------------------------ feature + relation
     def levels_of(self, boxes: List[Boxes]) -> torch.Tensor:
