@@ -113,6 +113,12 @@ def test_record_stands_in_for_lost_output_folders(tmp_path):
     os.makedirs(teacher["out"])
     open(os.path.join(teacher["out"], "model_final.pth"), "w").close()
     assert bt.runs_to_train(runs, str(output), record) == [gid]
+    # Baselines alone need no teacher: an unrecorded teacher is not trained for them.
+    del record["teachers/fcos"], record["fcos/seed1/baseline"]
+    shutil.rmtree(teacher["out"])
+    alone = bt.plan(bt.argparse.Namespace(**{**vars(args), "methods": ["^nothing$"]}))
+    assert [r["kind"] for r in alone] == ["teacher", "baseline"]
+    assert bt.runs_to_train(alone, str(output), record) == [alone[1]]
 
 
 def test_plan_method_filter_words_and_exact_titles(tmp_path):
@@ -686,7 +692,7 @@ def test_plan_method_with_a_hugging_face_teacher(tmp_path, monkeypatch):
     hf = [r for r in runs if r.get("trainer") == "hf"]
     folder = str(tmp_path / "teachers" / "hf_rtdetr")
     assert [(r["out"], r["iters"], r["opts"]) for r in hf] == [
-        (folder, 1000, ["--dataset", "kd_shapes", "--size", "small", "--seed", "1"])
+        (folder, 1000, ["--dataset", "kd_shapes", "--size", "small", "--seed", "1", "--lr", "5e-4"])
     ]
     method = [r for r in runs if r["kind"] == "method"]
     assert len(method) == 1 and method[0]["config"] == "detr_kd_detr_hf.yaml"

@@ -83,3 +83,22 @@ def test_an_interrupted_training_resumes_to_the_same_weights(
     resumed = load_file(str(out / "model.safetensors"))
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_learning_rate_schedule_by_hand():
+    """Warm-up over a tenth of the iterations (at most 100), x0.1 from --lr-step of them on; the
+    backbone at --backbone-lr-mult of the rest's rate."""
+    import argparse
+
+    tool = load_script("tools/train_hf_teacher.py")
+    args = argparse.Namespace(iters=200, lr=5e-4, backbone_lr_mult=0.5, lr_step=0.85)
+    # warm-up 20 iterations: factor (it + 1) / 20; the step at 0.85 * 200 = 170.
+    expected = {0: 1 / 20, 9: 10 / 20, 19: 1.0, 169: 1.0, 170: 0.1, 199: 0.1}
+    for it, factor in expected.items():
+        backbone, rest = tool.learning_rates(it, args)
+        assert rest == pytest.approx(5e-4 * factor, rel=1e-12), it
+        assert backbone == pytest.approx(2.5e-4 * factor, rel=1e-12), it
+    long = argparse.Namespace(iters=5000, lr=1e-3, backbone_lr_mult=1.0, lr_step=1.0)
+    assert tool.learning_rates(99, long) == (1e-3, 1e-3)  # warm-up capped at 100 iterations
+    assert tool.learning_rates(49, long)[1] == pytest.approx(0.5e-3)
+    assert tool.learning_rates(4999, long)[1] == 1e-3  # lr_step 1: no step

@@ -134,7 +134,8 @@ def finished_runs(
 
 def runs_to_train(runs: List[dict], output: str, record: Dict[str, dict]) -> List[dict]:
     """The runs that must train: unfinished students, and the teachers whose weights those need
-    and lack (a recorded teacher whose weights are gone is retrained only then)."""
+    and lack (a recorded teacher whose weights are gone is retrained only then; a teacher no
+    unfinished student needs is not trained, e.g. for baselines alone)."""
     finished = finished_runs(runs, output, record)
     students = [r for r in runs if r["kind"] != "teacher" and r["out"] not in finished]
     needed = {o for r in students for o in r["opts"]}
@@ -142,9 +143,7 @@ def runs_to_train(runs: List[dict], output: str, record: Dict[str, dict]) -> Lis
         r
         for r in runs
         if r["kind"] == "teacher"
-        and (
-            r["out"] not in finished
-            or (teacher_reference(r) in needed and not os.path.isfile(teacher_weights(r)))
-        )
+        and teacher_reference(r) in needed
+        and (r["out"] not in finished or not os.path.isfile(teacher_weights(r)))
     ]
     return [r for r in runs if r in teachers or r in students]

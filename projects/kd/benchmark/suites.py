@@ -109,7 +109,16 @@ METHODS = [
         "detr",
         "detr_kd_detr_hf.yaml",
         hf_teacher="hf_rtdetr",
-        hf_teacher_args=("--dataset", "kd_shapes", "--size", "small", "--seed", "1"),
+        hf_teacher_args=(
+            "--dataset",
+            "kd_shapes",
+            "--size",
+            "small",
+            "--seed",
+            "1",
+            "--lr",
+            "5e-4",
+        ),
     ),
     Method(
         "KD-DETR general points only",
