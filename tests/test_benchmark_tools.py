@@ -119,6 +119,11 @@ def test_record_stands_in_for_lost_output_folders(tmp_path):
     alone = bt.plan(bt.argparse.Namespace(**{**vars(args), "methods": ["^nothing$"]}))
     assert [r["kind"] for r in alone] == ["teacher", "baseline"]
     assert bt.runs_to_train(alone, str(output), record) == [alone[1]]
+    assert bt.untrained_state(alone[0], str(output), record) == "not needed"
+    os.makedirs(alone[1]["out"])
+    with open(os.path.join(alone[1]["out"], "eval_results.json"), "w") as f:
+        json.dump({"bbox": {"AP": 8.0, "AP50": 18.0, "AP75": 3.0}}, f)
+    assert bt.untrained_state(alone[1], str(output), record) == "finished"
 
 
 def test_plan_method_filter_words_and_exact_titles(tmp_path):

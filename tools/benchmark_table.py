@@ -62,6 +62,7 @@ from kd.benchmark.record import (
     runs_to_train,
     save_record,
     sync_record,
+    untrained_state,
 )
 from kd.benchmark.report import (
     markdown_class_table,
@@ -206,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     todo = runs_to_train(runs, args.output, record)
     if args.dry_run:
         for r in runs:
-            state = "train" if r in todo else "finished"
+            state = "train" if r in todo else untrained_state(r, args.output, record)
             print(f"[{state}] {r['out']}: {r['config']} {r['iters']} it {' '.join(r['opts'])}")
         return
     if not args.report_only:

@@ -132,6 +132,12 @@ def finished_runs(
     return finished
 
 
+def untrained_state(run: dict, output: str, record: Dict[str, dict]) -> str:
+    """Why a planned run is not trained: "finished" (output folder or record), or, for a teacher
+    no run to train needs, "not needed"."""
+    return "finished" if finished_runs([run], output, record) else "not needed"
+
+
 def runs_to_train(runs: List[dict], output: str, record: Dict[str, dict]) -> List[dict]:
     """The runs that must train: unfinished students, and the teachers whose weights those need
     and lack (a recorded teacher whose weights are gone is retrained only then; a teacher no

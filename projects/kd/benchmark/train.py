@@ -6,7 +6,7 @@ from typing import List
 
 from kd.benchmark.locks import RunLocked, run_lock
 from kd.benchmark.plan import teacher_reference
-from kd.benchmark.record import load_record, record_run, save_record
+from kd.benchmark.record import load_record, record_run, save_record, untrained_state
 from kd.benchmark.suites import suite_of
 from kd.experiments import train_and_evaluate, train_hf_teacher_and_evaluate
 
@@ -26,7 +26,9 @@ def train_runs(
     for r in runs:
         name = f"{r['family']} {r['title']}" + (f" seed {r['seed']}" if "seed" in r else "")
         if r not in todo:
-            print(f"[kd] {name}: finished (output folder or {record_path or 'record'})")
+            state = untrained_state(r, output, load_record(record_path))
+            where = f" (output folder or {record_path or 'record'})" if state == "finished" else ""
+            print(f"[kd] {name}: {state}{where}")
             continue
         missing = [o for o in r["opts"] if o in unavailable]
         if missing:
