@@ -12,15 +12,16 @@ initialised student. Each point box is coloured by its best IoU with the ground 
 to ``--output`` (ground truth on the left, one panel per set of points), with ``summary.json``
 counting the three kinds per set.
 
-Extending it: any distiller with a method ``distillation_points(batched_inputs)`` returning, per
-image, ``{name: Boxes}`` in the input image's coordinates (GID: ``"general instances"``) is drawn;
-for a model class that cannot have the method, register a function with :func:`register_points`.
+Extending it: a distiller whose ``distillation_points(batched_inputs)`` (a hook of
+:class:`kd.meta_arch.base.Distiller`, None by default) returns, per image, ``{name: Boxes}`` in the
+input image's coordinates (GID: ``"general instances"``) is drawn; where the points are the
+student's own samples of the step, register a function with :func:`register_points`.
 The student runs in eval mode (its BatchNorm running statistics), the teacher as always.
 
-Answers mode (``--mode answers``; the default for distillers with ``distillation_answers``, i.e.
-KD-DETR): one panel per point set (KD-DETR: "general", "specific") draws the ``--top-k`` points the
-teacher is most confident at (grey), the teacher's answer box at each (green) and the student's
-(magenta). ``summary.json`` then holds, per set, the number of points, the mean top class
+Answers mode (``--mode answers``; the default for distillers overriding ``distillation_answers``,
+i.e. KD-DETR): one panel per point set (KD-DETR: "general", "specific") draws the ``--top-k``
+points the teacher is most confident at (grey), the teacher's answer box at each (green) and the
+student's (magenta). ``summary.json`` then holds, per set, the number of points, the mean top class
 probability of teacher and student, the mean IoU of the two answers at the same point, and how
 many teacher answers are positives (IoU >= 0.5 with the ground truth). General points are random:
 ``--seed`` fixes them.
@@ -64,6 +65,7 @@ from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 import kd  # noqa: E402,F401  (registers the distillers and datasets)
 from kd.checkpoint import load_weights  # noqa: E402
 from kd.config import load_config  # noqa: E402
+from kd.meta_arch.base import Distiller  # noqa: E402
 
 __all__ = [
     "register_points",
@@ -101,8 +103,9 @@ def points_of(model: torch.nn.Module, batched_inputs: List[dict]) -> List[Dict[s
     fn = _POINT_FUNCTIONS.get(type(model).__name__)
     if fn is not None:
         return fn(model, batched_inputs)
-    if hasattr(model, "distillation_points"):
-        return model.distillation_points(batched_inputs)
+    points = model.distillation_points(batched_inputs) if isinstance(model, Distiller) else None
+    if points is not None:
+        return points
     raise SystemExit(
         f"{type(model).__name__} exposes no distillation points: give it a "
         "distillation_points(batched_inputs) method or register a function with register_points"
@@ -321,10 +324,11 @@ def main(argv=None) -> Dict[str, Dict[str, int]]:
     model.eval()
     predictions_mode = args.mode == "predictions"
     baseline = load_baseline(model, args.baseline_checkpoint) if predictions_mode else None
-    answers_mode = args.mode == "answers" or (
-        args.mode == "auto" and hasattr(model, "distillation_answers")
+    has_answers = isinstance(model, Distiller) and (
+        type(model).distillation_answers is not Distiller.distillation_answers
     )
-    if answers_mode and not hasattr(model, "distillation_answers"):
+    answers_mode = args.mode == "answers" or (args.mode == "auto" and has_answers)
+    if answers_mode and not has_answers:
         raise SystemExit(f"{type(model).__name__} has no distillation_answers: use --mode points")
     torch.manual_seed(args.seed)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
@@ -175,6 +175,21 @@ class Distiller(nn.Module):
 
     def forward_train(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ inspection hooks
+    # What tools/visualize_points.py draws. A method overrides them where it has points or
+    # answers of its own to show; None says it has none (its points are then the student's own
+    # samples of the step, which the tool draws through a registered function).
+    def distillation_points(self, batched_inputs: List[dict]) -> Optional[List[Dict[str, Boxes]]]:
+        """Per image, the named sets of boxes this distiller compares teacher and student at, in
+        the (resized) input image's coordinates; None where the method has no points of its own.
+        """
+        return None
+
+    def distillation_answers(self, batched_inputs: List[dict]) -> Optional[List[Dict[str, dict]]]:
+        """Per image and point set, what teacher and student answer at the points (boxes,
+        scores, labels); None where the method does not expose them."""
+        return None
 
     @torch.no_grad()
     def teacher_images(self, batched_inputs: List[dict]) -> ImageList:
