@@ -12,7 +12,7 @@ A teacher's config (``KD.TEACHER.CONFIG_FILE``) is any of:
   ``instantiate(cfg.model)``; ``KD.TEACHER.OPTS`` are then ``key=value`` overrides
   (``LazyConfig.apply_overrides``);
 * ``hf://<folder or hub id>``, a Hugging Face ``transformers`` DETR teacher, built by the source
-  registered for that prefix in :data:`TEACHER_SOURCES` (:mod:`kd.families.hf_detr`);
+  registered for that prefix in :data:`TEACHER_SOURCES` (:mod:`kd.families.hf_teacher_source`);
 * ``zoo://<name>``, a name in detectron2's model zoo (``COCO-Detection/faster_rcnn_R_101_FPN_3x
   .yaml``), resolved with ``detectron2.model_zoo.get_config_file`` where detectron2 ships its
   model-zoo configs (the official install does; the pure-Python package does not, and

@@ -7,9 +7,9 @@ registered in :data:`kd.families.registry.FAMILY_REGISTRY` (its ``__doc__`` stat
   head outputs, label assignment) that GID compares prediction by prediction, the layout check;
 * :mod:`kd.families.detr`: this project's DETR-style models;
 * :mod:`kd.families.hf_detr`: Hugging Face ``transformers`` DETR teachers (``hf://``, loaded by
-  :mod:`kd.families.hf_source`), behind the interface the DETR distillers use; importing it
-  registers the ``hf://`` teacher source;
+  :mod:`kd.families.hf_source`), behind the interface the DETR distillers use;
+  :mod:`kd.families.hf_teacher_source` registers the ``hf://`` teacher source;
 * :mod:`kd.families.boxes`: box encodings across two models (one model's deltas in another's).
 """
 
-from kd.families import dense, detr, hf_detr, rcnn  # noqa: F401  (register the families)
+from kd.families import dense, detr, hf_detr, hf_teacher_source, rcnn  # noqa: F401  (registries)

@@ -49,7 +49,6 @@ input, as the project's points are, so a point means the same region to the stud
 """
 
 import logging
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -76,7 +75,6 @@ from kd.families.hf_source import (
 from kd.families.registry import register_model_class_family
 from kd.modeling.detr.box_ops import inverse_sigmoid
 from kd.modeling.detr.structures import DecoderOutput, QueryGroup
-from kd.teacher import TEACHER_SOURCES, TeacherInfo
 
 __all__ = [
     "HFDETRFamily",
@@ -87,7 +85,6 @@ __all__ = [
     "HFTeacherError",
     "load_hf_detector",
     "is_hf_source",
-    "build_hf_teacher",
     "weights_file",
 ]
 
@@ -497,42 +494,6 @@ class HFDETRTeacher(nn.Module):
 def _logit(boxes: Tensor) -> Tensor:
     # The models' own inverse sigmoid (eps 1e-5); exact on boxes inside (0, 1).
     return inverse_sigmoid(boxes)
-
-
-# ----------------------------------------------------------------------------- the teacher source
-def build_hf_teacher(cfg) -> Tuple[HFDETRTeacher, TeacherInfo]:
-    """The teacher named by ``KD.TEACHER.CONFIG_FILE "hf://<folder or hub id>"``: loaded and
-    verified from that folder, on ``MODEL.DEVICE``, not yet frozen (:func:`kd.teacher.
-    build_teacher` freezes it and maps its classes).
-
-    Args:
-        cfg: the KD config.
-    """
-    t = cfg.KD.TEACHER
-    source = t.CONFIG_FILE[len(HF_PREFIX) :]
-    if t.WEIGHTS and os.path.abspath(t.WEIGHTS) != os.path.abspath(source):
-        raise HFTeacherError(
-            f"KD.TEACHER.WEIGHTS '{t.WEIGHTS}': a Hugging Face teacher's weights come from its "
-            f"folder ({source}); leave KD.TEACHER.WEIGHTS empty"
-        )
-    if t.OPTS:
-        raise HFTeacherError(
-            f"KD.TEACHER.OPTS {list(t.OPTS)}: a Hugging Face teacher takes no config overrides "
-            "(its config.json is the trained model's); leave them empty"
-        )
-    teacher = HFDETRTeacher.from_source(source).to(torch.device(cfg.MODEL.DEVICE))
-    info = TeacherInfo(
-        config=teacher.config,
-        input_format="RGB",
-        num_classes=teacher.num_classes,
-        train_datasets=(),
-        config_file=t.CONFIG_FILE,
-        class_names=tuple(teacher.class_names),
-    )
-    return teacher, info
-
-
-TEACHER_SOURCES[HF_PREFIX] = build_hf_teacher
 
 
 # A DETR to the distillers.
