@@ -102,3 +102,18 @@ def test_learning_rate_schedule_by_hand():
     assert tool.learning_rates(99, long) == (1e-3, 1e-3)  # warm-up capped at 100 iterations
     assert tool.learning_rates(49, long)[1] == pytest.approx(0.5e-3)
     assert tool.learning_rates(4999, long)[1] == 1e-3  # lr_step 1: no step
+
+
+def test_the_teachers_backbone_normalises():
+    """The backbone starts from random weights, so its batch norms train (transformers' default
+    freezes them, as for a pretrained backbone): BatchNorm2d modules with trainable affine
+    parameters, running statistics updated in training."""
+    tool = load_script("tools/train_hf_teacher.py")
+    torch.manual_seed(0)
+    model = tool.build_model(["a", "b"], "tiny").train()
+    norms = [m for n, m in model.named_modules() if ".backbone." in n and "norm" in n.lower()]
+    assert norms and all(isinstance(m, torch.nn.BatchNorm2d) for m in norms)
+    assert all(m.weight.requires_grad and m.bias.requires_grad for m in norms)
+    before = norms[0].running_mean.clone()
+    model.model.backbone(torch.rand(2, 3, 64, 64), torch.ones(2, 64, 64, dtype=torch.long))
+    assert not torch.equal(before, norms[0].running_mean)
