@@ -54,16 +54,23 @@ class DenseView:
     # Points (FCOS), not anchor boxes: "inside a box" is the paper-level assignment rule.
     anchor_free = False
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, dense_part: Optional[nn.Module] = None):
+        """
+        Args:
+            model: the detector.
+            dense_part: the module holding its ``anchor_generator`` and ``box2box_transform``
+                (default: the detector; a Faster R-CNN's RPN).
+        """
         self.model = model
+        self.dense_part = model if dense_part is None else dense_part
 
     @property
     def anchor_generator(self) -> nn.Module:
-        return self.model.anchor_generator
+        return self.dense_part.anchor_generator
 
     @property
     def box2box_transform(self):
-        return self.model.box2box_transform
+        return self.dense_part.box2box_transform
 
     @property
     def head_in_features(self) -> List[str]:

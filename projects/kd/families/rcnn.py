@@ -72,16 +72,8 @@ class RPNView(DenseView):
                 f"{type(model).__name__} has no RPN (MODEL.PROPOSAL_GENERATOR.NAME 'RPN'): its "
                 "dense predictions are the RPN's"
             )
-        super().__init__(model)
+        super().__init__(model, rpn)
         self.rpn = rpn
-
-    @property
-    def anchor_generator(self) -> nn.Module:
-        return self.rpn.anchor_generator
-
-    @property
-    def box2box_transform(self):
-        return self.rpn.box2box_transform
 
     @property
     def head_in_features(self) -> List[str]:
