@@ -137,6 +137,7 @@ def test_plan_method_filter_words_and_exact_titles(tmp_path):
     assert titles("kd-detr") == [
         "KD-DETR",
         "KD-DETR, Hugging Face RT-DETR teacher",
+        "KD-DETR, Hugging Face RT-DETR teacher, class term only",
         "KD-DETR general points only",
         "KD-DETR specific points only",
         "KD-DETR without foreground weight",
@@ -692,7 +693,9 @@ def test_plan_method_with_a_hugging_face_teacher(tmp_path, monkeypatch):
     import kd.benchmark.train as bench_train
 
     bt = load_script("tools/benchmark_table.py")
-    args = plan_args(bt, str(tmp_path), families=["detr"], methods=["Hugging Face"])
+    args = plan_args(
+        bt, str(tmp_path), families=["detr"], methods=["Hugging Face RT-DETR teacher$"]
+    )
     runs = bt.plan(args)
     hf = [r for r in runs if r.get("trainer") == "hf"]
     folder = str(tmp_path / "teachers" / "hf_rtdetr")

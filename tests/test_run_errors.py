@@ -195,6 +195,11 @@ TYPO_LINE = "unknown config key KD.CHEN2017.HINT.WIEGHT on the command line: did
             ["--config-file", "configs/missing.yaml", "--weights", "x.pth"],
             "--config-file 'configs/missing.yaml' does not exist",
         ),
+        (
+            "probe_quality.py",
+            ["--config-file", "hf://output/teacher"],
+            "--data-config: an hf:// teacher is asked on that config's test data",
+        ),
     ],
 )
 def test_tools_read_configs_as_train_net_does(tool, args, message):

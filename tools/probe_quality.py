@@ -15,6 +15,10 @@ class probability at random points. Used to choose ``KD.HETERO.DETR_CONTENT`` an
 
     python tools/probe_quality.py --config-file configs/kd_shapes/detr_teacher.yaml \
         --weights output/kd_shapes/detr_teacher/model_final.pth [--num-images 64]
+
+A Hugging Face teacher (``--config-file hf://<folder>``, no ``--weights``) is asked as the
+distillers ask it (:class:`kd.families.hf_detr.HFDETRTeacher`), on the images and test mapper of
+``--data-config`` (e.g. its student's config).
 """
 
 import argparse
@@ -29,6 +33,8 @@ from detectron2.structures import Boxes, BoxMode, pairwise_iou
 import kd  # noqa: F401  (registers the models and the datasets)
 from kd.checkpoint import load_weights
 from kd.config import load_config
+from kd.families.hf_detr import HFDETRTeacher
+from kd.families.hf_source import HF_PREFIX
 from kd.modeling.detr import DETR, denormalize_boxes, normalize_boxes
 from kd.points.batch import pad_points
 from kd.points.random import random_points
@@ -38,11 +44,13 @@ JITTERS, RANDOM = 4, 16
 
 
 def _answers(model, batch, points) -> "tuple[Dict[str, object], list]":
-    if isinstance(model, DETR):
+    if isinstance(model, (DETR, HFDETRTeacher)):
         encoded = model.encode(batch)
+        # A Hugging Face teacher makes a box's query its own way: zero content only.
+        contents = ("zeros",) if isinstance(model, HFDETRTeacher) else DETR_CONTENTS
         answers = {
             f"content={c} isolation={i}": probe_detr(model, encoded, points, content=c, isolation=i)
-            for c in DETR_CONTENTS
+            for c in contents
             for i in DETR_ISOLATIONS
         }
         return answers, encoded.image_sizes
@@ -56,16 +64,27 @@ def _answers(model, batch, points) -> "tuple[Dict[str, object], list]":
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config-file", required=True)
-    parser.add_argument("--weights", required=True)
+    parser.add_argument("--weights", default="", help="(none for an hf:// teacher)")
+    parser.add_argument(
+        "--data-config",
+        default="",
+        help="for an hf:// teacher: the config of the data it is asked on",
+    )
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = load_config(args.config_file)
+    hf = args.config_file.startswith(HF_PREFIX)
+    if hf and not args.data_config:
+        raise SystemExit("--data-config: an hf:// teacher is asked on that config's test data")
+    cfg = load_config(args.data_config if hf else args.config_file)
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
-    model = build_model(cfg).eval()
-    load_weights(model, args.weights, complete=True, key="--weights")
+    if hf:
+        model = HFDETRTeacher.from_source(args.config_file[len(HF_PREFIX) :]).eval()
+    else:
+        model = build_model(cfg).eval()
+        load_weights(model, args.weights, complete=True, key="--weights")
     mapper = DatasetMapper(cfg, False)
     dicts = get_detection_dataset_dicts(cfg.DATASETS.TEST)[: args.num_images]
     g = torch.Generator().manual_seed(0)
@@ -73,6 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for start in range(0, len(dicts), args.batch_size):
         chunk = dicts[start : start + args.batch_size]
         batch = [mapper(copy.deepcopy(d)) for d in chunk]
+        if hf and cfg.INPUT.FORMAT == "BGR":  # the Hugging Face teacher takes RGB
+            batch = [{**x, "image": x["image"].flip(0)} for x in batch]
         per_image, truth = [], []
         for x, d in zip(batch, chunk):
             h, w = x["image"].shape[-2:]
